@@ -1,0 +1,7 @@
+"""``python -m savedir``: the command-line interface."""
+
+import sys
+
+from savedir.cli import main
+
+sys.exit(main())

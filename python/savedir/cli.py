@@ -1,0 +1,249 @@
+"""The ``savedir`` command. Everything it does goes through the public API."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from typing import Any, Callable, Optional, Sequence
+
+import savedir
+from savedir.errors import SavedirError
+
+EXIT_OK = 0
+EXIT_INVALID = 1
+EXIT_ERROR = 2
+
+EPILOG = """\
+exit status:
+  0  success (verify: every file is valid)
+  1  a file is invalid: it fails a check, has no directory (verify), or is not
+     a stream savedir can handle
+  2  usage error, or an I/O error (missing file, no permission)
+"""
+
+
+def _progress() -> bool:
+    return sys.stderr.isatty()
+
+
+def _err(msg: str) -> None:
+    print(f"savedir: {msg}", file=sys.stderr)
+
+
+def _status(exc: BaseException) -> int:
+    return EXIT_INVALID if isinstance(exc, SavedirError) else EXIT_ERROR
+
+
+def _each(paths: Sequence[str], fn: Callable[[str], int]) -> int:
+    """Runs ``fn`` on every path; reports errors and returns the worst status."""
+    worst = EXIT_OK
+    for p in paths:
+        try:
+            status = fn(p)
+        except (SavedirError, OSError) as e:
+            _err(str(e))
+            status = _status(e)
+        worst = max(worst, status)
+    return worst
+
+
+def cmd_index(a: argparse.Namespace) -> int:
+    def one(p: str) -> int:
+        r = savedir.index(p, force=a.force, checksums=not a.no_checksums, progress=_progress())
+        if a.json:
+            print(json.dumps(r.__dict__))
+        elif not a.quiet:
+            if r.written:
+                extra = f", replaced {r.replaced} bytes after the stream" if r.replaced else ""
+                print(f"{p}: indexed, {r.entries} entries, directory of {r.directory_size} bytes at offset {r.directory_offset}{extra}")
+            else:
+                print(f"{p}: already indexed ({r.entries} entries)")
+        return EXIT_OK
+
+    return _each(a.files, one)
+
+
+def cmd_verify(a: argparse.Namespace) -> int:
+    results: list[dict[str, Any]] = []
+
+    def one(p: str) -> int:
+        try:
+            r = savedir.verify(p, deep=a.deep, progress=_progress())
+        except (SavedirError, OSError) as e:
+            if not a.json:
+                raise
+            results.append({"path": p, "ok": False, "check": None, "offset": getattr(e, "offset", None), "message": str(e)})
+            return _status(e)
+        results.append(r.to_dict())
+        if not a.json:
+            if r.ok:
+                print(f"{p}: OK ({r.message})")
+            else:
+                where = f" at offset {r.offset}" if r.offset is not None else ""
+                print(f"{p}: FAILED {r.check} check{where}: {r.message}")
+        return EXIT_OK if r.ok else EXIT_INVALID
+
+    status = _each(a.files, one)
+    if a.json:
+        print(json.dumps(results, indent=2))
+    return status
+
+
+def _entry_dict(e: savedir.Entry) -> dict[str, Any]:
+    d: dict[str, Any] = {"kind": e.kind, "offset": e.offset, "size": e.size}
+    if e.section_id is not None:
+        d.update(section_id=e.section_id, name=e.name, instance_id=e.instance_id, version_id=e.version_id)
+    if e.command is not None:
+        d.update(command=e.command, command_name=e.command_name)
+    if e.crc32c is not None:
+        d["crc32c"] = e.crc32c
+    return d
+
+
+def cmd_ls(a: argparse.Namespace) -> int:
+    with savedir.open(a.file, scan=a.scan, progress=_progress()) as f:
+        entries = f.entries
+        if a.json:
+            out = {
+                "path": a.file,
+                "stream_start": f.stream_start,
+                "stream_end": f.stream_end,
+                "eof": f.eof,
+                "indexed": f.indexed,
+                "machine_type": f.machine_type,
+                "entries": [_entry_dict(e) for e in entries],
+            }
+            print(json.dumps(out, indent=2))
+            return EXIT_OK
+        how = (
+            f"read through its directory at offset {f.directory_offset}"
+            if f.indexed
+            else "not indexed: read by parsing the stream"
+        )
+        print(f"{a.file}: {f.machine_type or 'unknown machine type'}, stream {f.stream_start}..{f.stream_end}, {how}")
+        print(f"{'OFFSET':>12} {'SIZE':>12}  {'KIND':<13} {'ID':>4}  {'NAME':<32} {'INST':>4} {'VER':>4}")
+        for e in entries:
+            if e.kind == "command":
+                name = e.command_name or ""
+                print(f"{e.offset:>12} {e.size:>12}  {e.kind:<13} {'':>4}  {name:<32}")
+            elif e.section_id is not None:
+                print(
+                    f"{e.offset:>12} {e.size:>12}  {e.kind:<13} {e.section_id:>4}  {e.name or '':<32} "
+                    f"{e.instance_id:>4} {e.version_id:>4}"
+                )
+            else:
+                print(f"{e.offset:>12} {e.size:>12}  {e.kind:<13}")
+        print(f"{f.eof:>12} {1:>12}  eof")
+    return EXIT_OK
+
+
+def cmd_cat(a: argparse.Namespace) -> int:
+    with savedir.open(a.file, progress=_progress()) as f:
+        sec = f.section(a.name, a.instance)
+        out = sys.stdout.buffer
+        for e in sec.entries:
+            out.write(e.payload if a.payload else e.data)
+        out.flush()
+    return EXIT_OK
+
+
+def cmd_desc(a: argparse.Namespace) -> int:
+    with savedir.open(a.file, progress=_progress()) as f:
+        raw = f.vmdesc_json
+        if raw is None:
+            _err(f"{a.file}: the stream has no vmdesc")
+            return EXIT_INVALID
+        if a.pretty:
+            print(json.dumps(json.loads(bytes(raw)), indent=2))
+        else:
+            sys.stdout.buffer.write(raw)
+            sys.stdout.buffer.write(b"\n")
+            sys.stdout.buffer.flush()
+    return EXIT_OK
+
+
+def cmd_strip(a: argparse.Namespace) -> int:
+    def one(p: str) -> int:
+        r = savedir.strip(p, force=a.force)
+        if not a.quiet:
+            print(f"{p}: removed {r.removed} bytes" if r.removed else f"{p}: nothing after the stream")
+        return EXIT_OK
+
+    return _each(a.files, one)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="savedir",
+        description="Section directories for QEMU migration streams (savevm, migrate to file, virsh save).",
+        epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("--version", action="version", version=f"savedir {savedir.__version__}")
+    sub = p.add_subparsers(dest="command", metavar="COMMAND")
+    sub.required = True
+
+    def add(name: str, fn: Callable[[argparse.Namespace], int], help: str) -> argparse.ArgumentParser:
+        sp = sub.add_parser(name, help=help, description=help, epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+        sp.set_defaults(fn=fn)
+        return sp
+
+    sp = add("index", cmd_index, "append a section directory after each file's stream")
+    sp.add_argument("files", nargs="+", metavar="FILE")
+    sp.add_argument("--force", action="store_true", help="rewrite an existing directory; replace unknown bytes after the stream")
+    sp.add_argument("--no-checksums", action="store_true", help="write no CRC-32C entries")
+    sp.add_argument("--json", action="store_true", help="one JSON object per file")
+    sp.add_argument("-q", "--quiet", action="store_true", help="print nothing on success")
+
+    sp = add("verify", cmd_verify, "check each file's directory (and with --deep, the whole stream)")
+    sp.add_argument("files", nargs="+", metavar="FILE")
+    sp.add_argument("--deep", action="store_true", help="also parse the whole stream and check every checksum")
+    sp.add_argument("--json", action="store_true", help="print a JSON list of results")
+
+    sp = add("ls", cmd_ls, "list the stream's items (through the directory, or by parsing)")
+    sp.add_argument("file", metavar="FILE")
+    sp.add_argument("--json", action="store_true", help="print JSON")
+    sp.add_argument("--scan", action="store_true", help="ignore any directory and parse the stream")
+
+    sp = add("cat", cmd_cat, "write a section's bytes to stdout (a live section's items joined in order)")
+    sp.add_argument("file", metavar="FILE")
+    sp.add_argument("name", metavar="NAME", help="section name, e.g. ram, cpu, 0000:00:02.0/virtio-net")
+    sp.add_argument("--instance", type=int, default=None, help="instance id (default: the lowest)")
+    sp.add_argument("--payload", action="store_true", help="only the payloads, without headers and footers")
+
+    sp = add("desc", cmd_desc, "print the vmdesc JSON (QEMU's description of the device sections)")
+    sp.add_argument("file", metavar="FILE")
+    sp.add_argument("--pretty", action="store_true", help="indent the JSON")
+
+    sp = add("strip", cmd_strip, "remove the directory: truncate each file back to its stream's end")
+    sp.add_argument("files", nargs="+", metavar="FILE")
+    sp.add_argument("--force", action="store_true", help="also remove unknown bytes after the stream")
+    sp.add_argument("-q", "--quiet", action="store_true", help="print nothing on success")
+    return p
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    parser = build_parser()
+    try:
+        a = parser.parse_args(argv)
+    except SystemExit as e:
+        return EXIT_ERROR if e.code not in (0, None) else EXIT_OK
+    try:
+        return int(a.fn(a))
+    except BrokenPipeError:
+        # `savedir cat ... | head`: the reader went away; not an error.
+        try:
+            sys.stdout.close()
+        except OSError:
+            pass
+        return EXIT_OK
+    except (SavedirError, OSError) as e:
+        _err(str(e))
+        return _status(e)
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,72 @@
+"""The exceptions savedir raises.
+
+Every error savedir itself detects derives from :class:`SavedirError` and
+carries the file's ``path`` and, where it applies, the byte ``offset`` the
+error is about. Errors the operating system reports (a missing file, no
+permission) are the built-in :class:`OSError` subclasses instead, such as
+:class:`FileNotFoundError` and :class:`PermissionError`.
+
+>>> issubclass(FormatError, ValueError) and issubclass(SectionNotFoundError, KeyError)
+True
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+__all__ = [
+    "SavedirError",
+    "FormatError",
+    "NotAStreamError",
+    "TruncatedError",
+    "UnsupportedStreamError",
+    "DirectoryError",
+    "TrailingDataError",
+    "SectionNotFoundError",
+    "FileChangedError",
+]
+
+
+class SavedirError(Exception):
+    """Base class of every error savedir detects."""
+
+    path: Optional[str] = None
+    """The file the error is about."""
+    offset: Optional[int] = None
+    """The byte offset in that file, where one applies."""
+
+    def __str__(self) -> str:
+        # KeyError would quote the message; show it as written.
+        return str(self.args[0]) if self.args else ""
+
+
+class FormatError(SavedirError, ValueError):
+    """The bytes break QEMU's stream grammar or savedir's directory format."""
+
+
+class NotAStreamError(FormatError):
+    """The file is not a QEMU migration stream (or not a regular file)."""
+
+
+class TruncatedError(FormatError):
+    """The stream ends before it is complete (e.g. a save cut short)."""
+
+
+class UnsupportedStreamError(FormatError):
+    """A valid stream that uses something savedir cannot delimit."""
+
+
+class DirectoryError(FormatError):
+    """The file ends in a directory trailer, but the directory is damaged."""
+
+
+class TrailingDataError(SavedirError):
+    """Bytes that are not a valid directory follow the stream; ``force`` replaces them."""
+
+
+class SectionNotFoundError(SavedirError, KeyError):
+    """No section has the requested name (and instance)."""
+
+
+class FileChangedError(SavedirError):
+    """The file changed under savedir while it was being read."""

@@ -1,0 +1,141 @@
+//! The pure grammar of QEMU migration streams and of the savedir directory.
+//!
+//! Everything here works on byte slices that hold a whole file (typically a
+//! memory map) and reports absolute file offsets. Nothing here performs I/O.
+
+pub mod directory;
+pub mod error;
+pub mod ram;
+pub mod reader;
+pub mod stream;
+pub mod vmdesc;
+
+/// Byte values of QEMU's top-level stream and of the savedir directory.
+pub mod tag {
+    /// `QEMU_VM_EOF`
+    pub const EOF: u8 = 0x00;
+    /// `QEMU_VM_SECTION_START`
+    pub const START: u8 = 0x01;
+    /// `QEMU_VM_SECTION_PART`
+    pub const PART: u8 = 0x02;
+    /// `QEMU_VM_SECTION_END`
+    pub const END: u8 = 0x03;
+    /// `QEMU_VM_SECTION_FULL`
+    pub const FULL: u8 = 0x04;
+    /// `QEMU_VM_SUBSECTION` (inside VMState payloads only)
+    pub const SUBSECTION: u8 = 0x05;
+    /// `QEMU_VM_VMDESCRIPTION`
+    pub const VMDESC: u8 = 0x06;
+    /// `QEMU_VM_CONFIGURATION`
+    pub const CONFIGURATION: u8 = 0x07;
+    /// `QEMU_VM_COMMAND`
+    pub const COMMAND: u8 = 0x08;
+    /// savedir checksum entry
+    pub const CHECKSUM: u8 = 0x7c;
+    /// savedir directory marker and trailer entry
+    pub const DIRECTORY: u8 = 0x7d;
+    /// `QEMU_VM_SECTION_FOOTER`
+    pub const FOOTER: u8 = 0x7e;
+}
+
+/// `QEMU_VM_FILE_MAGIC`, "QEVM".
+pub const STREAM_MAGIC: u32 = 0x5145_564d;
+/// `QEMU_VM_FILE_VERSION`.
+pub const STREAM_VERSION: u32 = 3;
+/// `QEMU_VM_FILE_VERSION_COMPAT`: an obsolete format QEMU refuses to load.
+pub const STREAM_VERSION_COMPAT: u32 = 2;
+
+/// The kind of a top-level item of a stream (and of its directory entry).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Kind {
+    Configuration,
+    Start,
+    Part,
+    End,
+    Full,
+    Command,
+    Vmdesc,
+}
+
+impl Kind {
+    /// The stream's type byte for this kind.
+    pub fn tag(self) -> u8 {
+        match self {
+            Kind::Configuration => tag::CONFIGURATION,
+            Kind::Start => tag::START,
+            Kind::Part => tag::PART,
+            Kind::End => tag::END,
+            Kind::Full => tag::FULL,
+            Kind::Command => tag::COMMAND,
+            Kind::Vmdesc => tag::VMDESC,
+        }
+    }
+
+    /// The kind whose type byte is `b`, if any.
+    pub fn from_tag(b: u8) -> Option<Kind> {
+        Some(match b {
+            tag::CONFIGURATION => Kind::Configuration,
+            tag::START => Kind::Start,
+            tag::PART => Kind::Part,
+            tag::END => Kind::End,
+            tag::FULL => Kind::Full,
+            tag::COMMAND => Kind::Command,
+            tag::VMDESC => Kind::Vmdesc,
+            _ => return None,
+        })
+    }
+
+    /// The name used in JSON output and in the Python API.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Kind::Configuration => "configuration",
+            Kind::Start => "start",
+            Kind::Part => "part",
+            Kind::End => "end",
+            Kind::Full => "full",
+            Kind::Command => "command",
+            Kind::Vmdesc => "vmdesc",
+        }
+    }
+
+    /// True for the kinds that open a section (and carry its name).
+    pub fn opens_section(self) -> bool {
+        matches!(self, Kind::Start | Kind::Full)
+    }
+
+    /// True for the four section kinds.
+    pub fn is_section(self) -> bool {
+        matches!(self, Kind::Start | Kind::Part | Kind::End | Kind::Full)
+    }
+}
+
+/// Names of QEMU's migration commands (`enum qemu_vm_cmd`).
+pub fn command_name(cmd: u16) -> &'static str {
+    match cmd {
+        1 => "OPEN_RETURN_PATH",
+        2 => "PING",
+        3 => "POSTCOPY_ADVISE",
+        4 => "POSTCOPY_LISTEN",
+        5 => "POSTCOPY_RUN",
+        6 => "POSTCOPY_RAM_DISCARD",
+        7 => "PACKAGED",
+        8 => "ENABLE_COLO",
+        9 => "POSTCOPY_RESUME",
+        10 => "RECV_BITMAP",
+        11 => "SWITCHOVER_START",
+        _ => "UNKNOWN",
+    }
+}
+
+/// Renders bytes for an error message: printable ASCII as is, the rest escaped.
+pub fn show_bytes(b: &[u8]) -> String {
+    let mut s = String::with_capacity(b.len() + 2);
+    for &c in b {
+        if (0x20..0x7f).contains(&c) && c != b'\\' {
+            s.push(c as char);
+        } else {
+            s.push_str(&format!("\\x{c:02x}"));
+        }
+    }
+    s
+}

@@ -1,0 +1,19 @@
+//! I/O policy over the grammar: mapping files, locking, appending and
+//! truncating, flushing to disk, checksums and progress.
+
+pub mod checksum;
+pub mod error;
+pub mod index;
+pub mod open;
+pub mod progress;
+pub mod source;
+pub mod strip;
+pub mod verify;
+
+pub use error::{Error, Result};
+pub use index::{index, IndexOptions, IndexReport};
+pub use open::{open, Entry, OpenOptions, SaveFile};
+pub use progress::Progress;
+pub use source::Map;
+pub use strip::{strip, StripOptions, StripReport};
+pub use verify::{verify, VerifyReport};

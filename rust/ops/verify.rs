@@ -1,0 +1,137 @@
+//! `savedir verify`: checks 1–3 of the format, and 4 (deep) on request.
+
+use std::path::{Path, PathBuf};
+
+use crate::format::directory::{self, Check, CheckError, Directory, View};
+use crate::format::stream::{self, describe, ParseOptions};
+
+use super::checksum::crc32c_extents;
+use super::error::Result;
+use super::progress::Progress;
+use super::source::open_map;
+
+/// The outcome of verifying one file.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct VerifyReport {
+    pub path: PathBuf,
+    pub ok: bool,
+    /// The first check that failed.
+    pub check: Option<Check>,
+    pub offset: Option<u64>,
+    pub message: String,
+    /// Entries in the directory (0 when it could not be read).
+    pub entries: usize,
+    pub deep: bool,
+}
+
+/// Verifies `path`. I/O errors are `Err`; a file that fails a check is an
+/// `Ok` report with `ok == false`.
+pub fn verify(path: &Path, deep: bool, progress: bool) -> Result<VerifyReport> {
+    let (_file, map) = open_map(path)?;
+    let data = map.bytes();
+    if deep {
+        map.advise_sequential();
+    }
+    let meter = Progress::new(progress && deep, format!("{}: verifying", path.display()), map.len());
+    Ok(verify_view(path, &View::appended(data), 0, deep, &meter))
+}
+
+/// Runs the checks on a view of a file.
+pub fn verify_view(path: &Path, view: &View, stream_start: u64, deep: bool, meter: &Progress) -> VerifyReport {
+    let mut entries = 0;
+    let res = (|| -> std::result::Result<(), CheckError> {
+        let trailer = directory::check_trailer(view).map_err(|mut e| {
+            e.message = format!("no section directory: {}", e.message);
+            e
+        })?;
+        let dir = directory::decode(view, trailer, stream_start)?;
+        entries = dir.entries.len();
+        directory::cross_check(view, &dir, stream_start)?;
+        if deep {
+            deep_check(view, &dir, stream_start, meter)?;
+        }
+        Ok(())
+    })();
+    meter.finish();
+    match res {
+        Ok(()) => VerifyReport {
+            path: path.to_path_buf(),
+            ok: true,
+            check: None,
+            offset: None,
+            message: format!("{entries} entries{}", if deep { ", stream and checksums match" } else { "" }),
+            entries,
+            deep,
+        },
+        Err(e) => VerifyReport {
+            path: path.to_path_buf(),
+            ok: false,
+            check: Some(e.check),
+            offset: e.offset,
+            message: e.message,
+            entries,
+            deep,
+        },
+    }
+}
+
+/// Check 4: parse the stream and compare it with the directory; checksums.
+fn deep_check(view: &View, dir: &Directory, stream_start: u64, meter: &Progress) -> std::result::Result<(), CheckError> {
+    let fail = |at: u64, m: String| Err(CheckError::new(Check::Deep, Some(at), m));
+    let t = dir.trailer;
+    // The stream lies wholly in the head of the view.
+    let data = &view.head[..(t.dir.min(view.head.len() as u64)) as usize];
+    let mut tick = |at: u64| meter.set(at);
+    let mut popts = ParseOptions::new(stream_start, t.dir);
+    popts.progress = Some(&mut tick);
+    let s = match stream::parse(data, popts) {
+        Ok(s) => s,
+        Err(e) => return fail(e.offset, format!("the stream does not parse: {}", e.message)),
+    };
+    if s.eof != t.eof {
+        return fail(s.eof, format!("the stream's EOF byte is at {}, the directory says {}", s.eof, t.eof));
+    }
+    if s.end != t.dir {
+        return fail(s.end, format!("the stream ends at {}, the directory starts at {}", s.end, t.dir));
+    }
+    let extents = dir.extents(view);
+    for (i, item) in s.items.iter().enumerate() {
+        let Some(e) = dir.entries.get(i) else {
+            return fail(item.offset, format!("the stream has {} here, which the directory lacks", describe(item)));
+        };
+        if e.kind != item.kind || e.ptr != item.offset {
+            return fail(
+                item.offset.min(e.ptr),
+                format!("the stream has {} at {}, the directory has a {} entry at {}", describe(item), item.offset, e.kind.as_str(), e.ptr),
+            );
+        }
+        if extents[i] != (item.offset, item.end) {
+            return fail(
+                item.end.min(extents[i].1),
+                format!("{} ends at {}, but the directory's next pointer says {}", describe(item), item.end, extents[i].1),
+            );
+        }
+    }
+    if let Some(e) = dir.entries.get(s.items.len()) {
+        return fail(e.ptr, format!("the directory has a {} entry at {} that the stream lacks", e.kind.as_str(), e.ptr));
+    }
+    let with_crc: Vec<usize> = (0..dir.entries.len()).filter(|&i| dir.entries[i].crc32c.is_some()).collect();
+    let ext: Vec<(u64, u64)> = with_crc.iter().map(|&i| extents[i]).collect();
+    let got = crc32c_extents(data, &ext, meter);
+    for (&i, c) in with_crc.iter().zip(got) {
+        let want = dir.entries[i].crc32c.expect("filtered above");
+        if c != want {
+            let item = &s.items[i];
+            return fail(
+                item.offset,
+                format!(
+                    "the CRC-32C of {} ({} bytes from offset {}) is {c:08x}, the directory says {want:08x}: its bytes changed",
+                    describe(item),
+                    item.end - item.offset,
+                    item.offset
+                ),
+            );
+        }
+    }
+    Ok(())
+}

@@ -1,0 +1,297 @@
+//! `savedir._core`: the Python classes over [`crate::ops`]. This layer only
+//! converts; all work runs with the GIL released.
+
+use std::ffi::c_int;
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use pyo3::exceptions::PyValueError;
+use pyo3::prelude::*;
+use pyo3::types::{PyDict, PyList, PyMemoryView};
+use pyo3::ffi;
+
+use crate::format::command_name;
+use crate::ops::{self, Map};
+
+mod errors;
+use errors::to_pyerr;
+
+/// A read-only, zero-copy view of bytes of a mapped file.
+///
+/// `memoryview(buf)` and `numpy.frombuffer(buf, dtype=numpy.uint8)` share the
+/// mapping without copying; the mapping stays alive while any view exists.
+#[pyclass(frozen, module = "savedir._core")]
+pub struct Buffer {
+    map: Arc<Map>,
+    start: usize,
+    len: usize,
+}
+
+#[pymethods]
+impl Buffer {
+    unsafe fn __getbuffer__(slf: Bound<'_, Self>, view: *mut ffi::Py_buffer, flags: c_int) -> PyResult<()> {
+        let this = slf.get();
+        let bytes = &this.map.bytes()[this.start..this.start + this.len];
+        // PyBuffer_FillInfo refuses writable requests for read-only data and
+        // keeps a reference to `slf`, which keeps the mapping alive.
+        let ptr = if bytes.is_empty() { std::ptr::NonNull::<u8>::dangling().as_ptr() } else { bytes.as_ptr() as *mut u8 };
+        let rc = unsafe {
+            ffi::PyBuffer_FillInfo(view, slf.as_ptr(), ptr.cast(), bytes.len() as ffi::Py_ssize_t, 1, flags)
+        };
+        if rc == -1 {
+            return Err(PyErr::fetch(slf.py()));
+        }
+        Ok(())
+    }
+
+    fn __len__(&self) -> usize {
+        self.len
+    }
+
+    fn __repr__(&self) -> String {
+        format!("<savedir buffer of {} bytes at offset {}>", self.len, self.start)
+    }
+}
+
+fn buffer(py: Python<'_>, map: &Arc<Map>, start: u64, end: u64) -> PyResult<Py<Buffer>> {
+    let len = map.len();
+    if start > end || end > len {
+        return Err(PyValueError::new_err(format!("range {start}..{end} is outside the file ({len} bytes)")));
+    }
+    Py::new(py, Buffer { map: map.clone(), start: start as usize, len: (end - start) as usize })
+}
+
+fn memoryview<'py>(py: Python<'py>, map: &Arc<Map>, start: u64, end: u64) -> PyResult<Bound<'py, PyMemoryView>> {
+    let b = buffer(py, map, start, end)?;
+    PyMemoryView::from(b.bind(py).as_any())
+}
+
+/// One top-level item of a stream (a directory entry).
+#[pyclass(frozen, module = "savedir._core")]
+pub struct Entry {
+    e: ops::Entry,
+    map: Arc<Map>,
+}
+
+#[pymethods]
+impl Entry {
+    #[getter]
+    fn kind(&self) -> &'static str {
+        self.e.kind.as_str()
+    }
+    #[getter]
+    fn offset(&self) -> u64 {
+        self.e.offset
+    }
+    #[getter]
+    fn end(&self) -> u64 {
+        self.e.end
+    }
+    #[getter]
+    fn size(&self) -> u64 {
+        self.e.size()
+    }
+    #[getter]
+    fn payload_offset(&self) -> u64 {
+        self.e.payload_start()
+    }
+    #[getter]
+    fn payload_size(&self) -> u64 {
+        self.e.payload_end() - self.e.payload_start()
+    }
+    #[getter]
+    fn section_id(&self) -> Option<u32> {
+        self.e.kind.is_section().then_some(self.e.section_id)
+    }
+    #[getter]
+    fn name(&self) -> Option<&str> {
+        self.e.name.as_deref()
+    }
+    #[getter]
+    fn instance_id(&self) -> Option<u32> {
+        self.e.kind.is_section().then_some(self.e.instance_id)
+    }
+    #[getter]
+    fn version_id(&self) -> Option<u32> {
+        self.e.kind.is_section().then_some(self.e.version_id)
+    }
+    #[getter]
+    fn command(&self) -> Option<u16> {
+        (self.e.kind == crate::format::Kind::Command).then_some(self.e.command)
+    }
+    #[getter]
+    fn command_name(&self) -> Option<&'static str> {
+        (self.e.kind == crate::format::Kind::Command).then(|| command_name(self.e.command))
+    }
+    #[getter]
+    fn crc32c(&self) -> Option<u32> {
+        self.e.crc32c
+    }
+    /// The whole extent (header, payload and footer) as a read-only memoryview.
+    #[getter]
+    fn data<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyMemoryView>> {
+        memoryview(py, &self.map, self.e.offset, self.e.end)
+    }
+    /// The payload only, between header and footer, as a read-only memoryview.
+    #[getter]
+    fn payload<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyMemoryView>> {
+        memoryview(py, &self.map, self.e.payload_start(), self.e.payload_end())
+    }
+}
+
+/// An open save file.
+#[pyclass(frozen, module = "savedir._core")]
+pub struct SaveFile {
+    f: Arc<ops::SaveFile>,
+}
+
+#[pymethods]
+impl SaveFile {
+    #[getter]
+    fn path(&self) -> PathBuf {
+        self.f.path.clone()
+    }
+    #[getter]
+    fn indexed(&self) -> bool {
+        self.f.indexed
+    }
+    #[getter]
+    fn stream_start(&self) -> u64 {
+        self.f.stream_start
+    }
+    #[getter]
+    fn stream_end(&self) -> u64 {
+        self.f.stream_end
+    }
+    #[getter]
+    fn eof(&self) -> u64 {
+        self.f.eof
+    }
+    #[getter]
+    fn file_size(&self) -> u64 {
+        self.f.map.len()
+    }
+    #[getter]
+    fn footers(&self) -> bool {
+        self.f.footers
+    }
+    #[getter]
+    fn machine_type(&self) -> Option<&str> {
+        self.f.machine_type.as_deref()
+    }
+    #[getter]
+    fn directory_offset(&self) -> Option<u64> {
+        self.f.trailer.map(|t| t.dir)
+    }
+    fn entries<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyList>> {
+        let items = self
+            .f
+            .entries
+            .iter()
+            .map(|e| Py::new(py, Entry { e: e.clone(), map: self.f.map.clone() }))
+            .collect::<PyResult<Vec<_>>>()?;
+        PyList::new(py, items)
+    }
+    /// Entries of one section: a FULL, or a START with its PARTs and END.
+    #[pyo3(signature = (name, instance=None))]
+    fn find<'py>(&self, py: Python<'py>, name: &str, instance: Option<u32>) -> PyResult<Bound<'py, PyList>> {
+        let found = self.f.find(name, instance).map_err(|e| to_pyerr(py, e))?;
+        let items = found
+            .into_iter()
+            .map(|e| Py::new(py, Entry { e: e.clone(), map: self.f.map.clone() }))
+            .collect::<PyResult<Vec<_>>>()?;
+        PyList::new(py, items)
+    }
+    /// The vmdesc JSON as a read-only memoryview, or None.
+    fn vmdesc_json<'py>(&self, py: Python<'py>) -> PyResult<Option<Bound<'py, PyMemoryView>>> {
+        match self.f.vmdesc {
+            Some(v) => Ok(Some(memoryview(py, &self.f.map, v.offset + 5, v.end())?)),
+            None => Ok(None),
+        }
+    }
+    /// Bytes `start..end` of the file as a read-only, zero-copy memoryview.
+    fn view<'py>(&self, py: Python<'py>, start: u64, end: u64) -> PyResult<Bound<'py, PyMemoryView>> {
+        memoryview(py, &self.f.map, start, end)
+    }
+    /// Runs checks 1–3 (and 4 with `deep`) on the mapping this object holds.
+    #[pyo3(signature = (deep=false, progress=false))]
+    fn verify<'py>(&self, py: Python<'py>, deep: bool, progress: bool) -> PyResult<Bound<'py, PyDict>> {
+        let f = self.f.clone();
+        let r = py.detach(move || {
+            let meter = ops::Progress::new(progress && deep, format!("{}: verifying", f.path.display()), f.map.len());
+            ops::verify::verify_view(&f.path, &crate::format::directory::View::appended(f.map.bytes()), f.stream_start, deep, &meter)
+        });
+        verify_dict(py, &r)
+    }
+}
+
+fn verify_dict<'py>(py: Python<'py>, r: &ops::VerifyReport) -> PyResult<Bound<'py, PyDict>> {
+    let d = PyDict::new(py);
+    d.set_item("path", r.path.to_string_lossy())?;
+    d.set_item("ok", r.ok)?;
+    d.set_item("check", r.check.map(|c| c.as_str()))?;
+    d.set_item("offset", r.offset)?;
+    d.set_item("message", &r.message)?;
+    d.set_item("entries", r.entries)?;
+    d.set_item("deep", r.deep)?;
+    Ok(d)
+}
+
+/// Opens a save file (through its directory, or by parsing the stream).
+#[pyfunction]
+#[pyo3(signature = (path, scan=false, progress=false))]
+fn open(py: Python<'_>, path: PathBuf, scan: bool, progress: bool) -> PyResult<SaveFile> {
+    let opts = ops::OpenOptions { scan, progress };
+    let f = py.detach(|| ops::open(&path, &opts)).map_err(|e| to_pyerr(py, e))?;
+    Ok(SaveFile { f: Arc::new(f) })
+}
+
+/// Appends a section directory.
+#[pyfunction]
+#[pyo3(signature = (path, force=false, checksums=true, progress=false))]
+fn index<'py>(py: Python<'py>, path: PathBuf, force: bool, checksums: bool, progress: bool) -> PyResult<Bound<'py, PyDict>> {
+    let opts = ops::IndexOptions { force, checksums, progress };
+    let r = py.detach(|| ops::index(&path, &opts)).map_err(|e| to_pyerr(py, e))?;
+    let d = PyDict::new(py);
+    d.set_item("path", r.path.to_string_lossy())?;
+    d.set_item("written", r.written)?;
+    d.set_item("entries", r.entries)?;
+    d.set_item("directory_offset", r.directory_offset)?;
+    d.set_item("directory_size", r.directory_len)?;
+    d.set_item("replaced", r.replaced)?;
+    Ok(d)
+}
+
+/// Verifies a file's directory.
+#[pyfunction]
+#[pyo3(signature = (path, deep=false, progress=false))]
+fn verify<'py>(py: Python<'py>, path: PathBuf, deep: bool, progress: bool) -> PyResult<Bound<'py, PyDict>> {
+    let r = py.detach(|| ops::verify(&path, deep, progress)).map_err(|e| to_pyerr(py, e))?;
+    verify_dict(py, &r)
+}
+
+/// Truncates a file back to its stream's end.
+#[pyfunction]
+#[pyo3(signature = (path, force=false))]
+fn strip<'py>(py: Python<'py>, path: PathBuf, force: bool) -> PyResult<Bound<'py, PyDict>> {
+    let opts = ops::StripOptions { force };
+    let r = py.detach(|| ops::strip(&path, &opts)).map_err(|e| to_pyerr(py, e))?;
+    let d = PyDict::new(py);
+    d.set_item("path", r.path.to_string_lossy())?;
+    d.set_item("removed", r.removed)?;
+    d.set_item("stream_end", r.stream_end)?;
+    Ok(d)
+}
+
+#[pymodule]
+fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
+    m.add_class::<Buffer>()?;
+    m.add_class::<Entry>()?;
+    m.add_class::<SaveFile>()?;
+    m.add_function(wrap_pyfunction!(open, m)?)?;
+    m.add_function(wrap_pyfunction!(index, m)?)?;
+    m.add_function(wrap_pyfunction!(verify, m)?)?;
+    m.add_function(wrap_pyfunction!(strip, m)?)?;
+    m.add("__version__", env!("CARGO_PKG_VERSION"))?;
+    Ok(())
+}
