@@ -3,6 +3,7 @@
 # suite to apt's sources, on the same mirror the machine already uses, when it
 # is missing). Idempotent; run as root.
 set -euo pipefail
+SUDO=""; [ "$(id -u)" -eq 0 ] || SUDO=sudo
 
 want_major=10
 have_qemu() {
@@ -30,9 +31,9 @@ if ! grep -rqs 'bookworm-backports' /etc/apt/sources.list /etc/apt/sources.list.
     exit 1
   fi
   printf 'Types: deb\nURIs: %s\nSuites: bookworm-backports\nComponents: main\nSigned-By: /usr/share/keyrings/debian-archive-keyring.gpg\n' \
-    "$uri" > /etc/apt/sources.list.d/bookworm-backports.sources
+    "$uri" | $SUDO tee /etc/apt/sources.list.d/bookworm-backports.sources >/dev/null
 fi
-apt-get update -qq
-apt-get install -y -qq -t bookworm-backports --no-install-recommends \
+$SUDO apt-get update -qq
+$SUDO apt-get install -y -qq -t bookworm-backports --no-install-recommends \
   qemu-system-x86 qemu-system-data qemu-utils ovmf seabios ipxe-qemu >/dev/null
 have_qemu || { echo "install-qemu: qemu-system-x86_64 >= $want_major not installed" >&2; exit 1; }
