@@ -163,6 +163,13 @@ def cmd_desc(a: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def cmd_record(a: argparse.Namespace) -> int:
+    r = savedir.record(a.file, checksums=not a.no_checksums, progress=_progress())
+    if not a.quiet:
+        print(f"{a.file}: recorded {r.stream_size} bytes, {r.entries} entries, directory of {r.directory_size} bytes")
+    return EXIT_OK
+
+
 def cmd_strip(a: argparse.Namespace) -> int:
     def one(p: str) -> int:
         r = savedir.strip(p, force=a.force)
@@ -215,6 +222,16 @@ def build_parser() -> argparse.ArgumentParser:
     sp = add("desc", cmd_desc, "print the vmdesc JSON (QEMU's description of the device sections)")
     sp.add_argument("file", metavar="FILE")
     sp.add_argument("--pretty", action="store_true", help="indent the JSON")
+
+    sp = add(
+        "record",
+        cmd_record,
+        "write the stream read on stdin to FILE and append its directory when it ends "
+        '(from QEMU: migrate "exec:savedir record FILE")',
+    )
+    sp.add_argument("file", metavar="FILE")
+    sp.add_argument("--no-checksums", action="store_true", help="write no CRC-32C entries")
+    sp.add_argument("-q", "--quiet", action="store_true", help="print nothing on success")
 
     sp = add("strip", cmd_strip, "remove the directory: truncate each file back to its stream's end")
     sp.add_argument("files", nargs="+", metavar="FILE")

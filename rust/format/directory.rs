@@ -115,15 +115,36 @@ pub fn entry_header_len(item: &Item) -> u64 {
     }
 }
 
-/// Builds the directory for `items` (a parse of the stream in `data`) that
-/// will start at offset `dir`. `crcs`, when given, holds one checksum per item.
-pub fn encode(data: &[u8], items: &[Item], eof: u64, dir: u64, crcs: Option<&[u32]>) -> Vec<u8> {
+/// The item header that a directory entry copies, rebuilt from the item's
+/// fields (section names are ASCII, so this is the stream's own bytes).
+pub fn entry_header(item: &Item) -> Vec<u8> {
+    let mut h = vec![item.kind.tag()];
+    match item.kind {
+        Kind::Configuration | Kind::Vmdesc => {}
+        Kind::Start | Kind::Full => {
+            let name = item.name.as_deref().unwrap_or("").as_bytes();
+            h.extend_from_slice(&item.section_id.to_be_bytes());
+            h.push(name.len() as u8);
+            h.extend_from_slice(name);
+            h.extend_from_slice(&item.instance_id.to_be_bytes());
+            h.extend_from_slice(&item.version_id.to_be_bytes());
+        }
+        Kind::Part | Kind::End => h.extend_from_slice(&item.section_id.to_be_bytes()),
+        Kind::Command => {
+            h.extend_from_slice(&item.command.to_be_bytes());
+            h.extend_from_slice(&item.command_len.to_be_bytes());
+        }
+    }
+    h
+}
+
+/// Builds the directory for `items` (a parse of a stream) that will start
+/// at offset `dir`. `crcs`, when given, holds one checksum per item.
+pub fn encode(items: &[Item], eof: u64, dir: u64, crcs: Option<&[u32]>) -> Vec<u8> {
     let mut out = Vec::with_capacity(items.len() * 32 + 32);
     out.push(tag::DIRECTORY);
     for (i, item) in items.iter().enumerate() {
-        let hl = entry_header_len(item);
-        let header = slice(data, item.offset, item.offset + hl).expect("parsed items lie inside the data");
-        out.extend_from_slice(header);
+        out.extend_from_slice(&entry_header(item));
         out.extend_from_slice(&item.offset.to_be_bytes());
         if let Some(c) = crcs {
             out.push(tag::CHECKSUM);
@@ -450,7 +471,12 @@ mod tests {
         let mut d = sample_stream(true);
         let s = parse(&d, ParseOptions::new(0, d.len() as u64)).unwrap();
         let crcs: Vec<u32> = s.items.iter().map(|i| crc32c::crc32c(&d[i.offset as usize..i.end as usize])).collect();
-        let dir = encode(&d, &s.items, s.eof, d.len() as u64, if crc { Some(&crcs) } else { None });
+        let dir = encode(&s.items, s.eof, d.len() as u64, if crc { Some(&crcs) } else { None });
+        // The rebuilt headers are the stream's own bytes.
+        for i in &s.items {
+            let h = entry_header(i);
+            assert_eq!(&d[i.offset as usize..i.offset as usize + h.len()], &h[..]);
+        }
         d.extend_from_slice(&dir);
         d
     }
@@ -514,7 +540,7 @@ mod tests {
         let mut items = s.items.clone();
         items.swap(1, 2);
         let mut m = d.clone();
-        m.extend_from_slice(&encode(&d, &items, s.eof, d.len() as u64, None));
+        m.extend_from_slice(&encode(&items, s.eof, d.len() as u64, None));
         let v = View::appended(&m);
         let e = decode(&v, check_trailer(&v).unwrap(), 0).unwrap_err();
         assert_eq!(e.check, Check::Directory);

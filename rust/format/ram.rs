@@ -74,6 +74,15 @@ pub struct RamBlock {
     pub mapped: Option<MappedRam>,
 }
 
+/// What [`RamState::parse_record`] read.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Record {
+    /// The end-of-section record.
+    Eos,
+    /// Any other record.
+    Other,
+}
+
 /// Counts of the records seen so far.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct RamStats {
@@ -101,103 +110,103 @@ impl RamState {
 
     /// Reads one section payload up to and including its EOS record.
     pub fn parse_payload(&mut self, r: &mut Reader) -> Result<()> {
-        self.parse_payload_with(r, &mut |_| {})
+        while self.parse_record(r)? != Record::Eos {}
+        Ok(())
     }
 
-    /// As [`parse_payload`](Self::parse_payload), calling `tick` with the
-    /// offset reached every few thousand records.
-    pub fn parse_payload_with(&mut self, r: &mut Reader, tick: &mut dyn FnMut(u64)) -> Result<()> {
+    /// Reads one record. A record that fails (for example because the data
+    /// ends inside it) leaves no trace: reading it again from its first byte
+    /// with more data gives the same result as if it had been whole.
+    pub fn parse_record(&mut self, r: &mut Reader) -> Result<Record> {
         let page_size = self.options.page_size;
         let offset_mask = page_size - 1;
-        let mut n: u32 = 0;
-        loop {
-            n = n.wrapping_add(1);
-            if n % 8192 == 0 {
-                tick(r.offset());
+        let at = r.offset();
+        let word = r.be64("a RAM record word")?;
+        let flags = word & FLAG_MASK;
+        if word & offset_mask & !FLAG_MASK != 0 {
+            return Err(FormatError::invalid(
+                at,
+                format!("RAM record word 0x{word:016x} has bits set below the page size that are no flag"),
+            ));
+        }
+        let addr = word & !offset_mask;
+        match flags & !FLAG_CONTINUE {
+            FLAG_EOS => return Ok(Record::Eos),
+            FLAG_MEM_SIZE => self.parse_block_list(r, addr, at)?,
+            FLAG_ZERO => {
+                let block = self.block_for(r, flags, addr, at)?;
+                let fill = r.u8("a zero page's fill byte")?;
+                if fill != 0 {
+                    return Err(FormatError::invalid(
+                        r.offset() - 1,
+                        format!("expected a zero page's fill byte 0x00, found 0x{fill:02x}"),
+                    ));
+                }
+                self.last_block = Some(block);
+                self.stats.zero_pages += 1;
             }
-            let at = r.offset();
-            let word = r.be64("a RAM record word")?;
-            let flags = word & FLAG_MASK;
-            if word & offset_mask & !FLAG_MASK != 0 {
+            FLAG_PAGE => {
+                let block = self.block_for(r, flags, addr, at)?;
+                r.skip(page_size, "a RAM page")?;
+                self.last_block = Some(block);
+                self.stats.pages += 1;
+            }
+            FLAG_XBZRLE => {
+                let block = self.block_for(r, flags, addr, at)?;
+                let enc_at = r.offset();
+                let enc = r.u8("an XBZRLE encoding byte")?;
+                if enc != XBZRLE_ENCODING {
+                    return Err(FormatError::invalid(
+                        enc_at,
+                        format!("expected the XBZRLE encoding byte 0x01, found 0x{enc:02x}"),
+                    ));
+                }
+                let len_at = r.offset();
+                let len = r.be16("an XBZRLE length")? as u64;
+                if len > page_size {
+                    return Err(FormatError::invalid(
+                        len_at,
+                        format!("an XBZRLE delta of {len} bytes is longer than a {page_size}-byte page"),
+                    ));
+                }
+                r.skip(len, "an XBZRLE delta")?;
+                self.last_block = Some(block);
+                self.stats.xbzrle_pages += 1;
+            }
+            FLAG_COMPRESS_PAGE => {
+                let block = self.block_for(r, flags, addr, at)?;
+                let len_at = r.offset();
+                let len = r.be32("a compressed page's length")? as u64;
+                // zlib's compressBound for one page, with room to spare.
+                if len > page_size + page_size / 8 + 64 {
+                    return Err(FormatError::invalid(
+                        len_at,
+                        format!("a compressed page of {len} bytes is longer than zlib makes a {page_size}-byte page"),
+                    ));
+                }
+                r.skip(len, "a compressed page")?;
+                self.last_block = Some(block);
+                self.stats.compressed_pages += 1;
+            }
+            FLAG_MULTIFD_FLUSH => self.stats.flushes += 1,
+            FLAG_HOOK => {
+                return Err(FormatError::unsupported(
+                    at,
+                    "found an RDMA hook record (0x80), which only RDMA migration writes and no file holds",
+                ))
+            }
+            _ => {
                 return Err(FormatError::invalid(
                     at,
-                    format!("RAM record word 0x{word:016x} has bits set below the page size that are no flag"),
-                ));
-            }
-            let addr = word & !offset_mask;
-            match flags & !FLAG_CONTINUE {
-                FLAG_EOS => return Ok(()),
-                FLAG_MEM_SIZE => self.parse_block_list(r, addr, at)?,
-                FLAG_ZERO => {
-                    self.block_for(r, flags, addr, at)?;
-                    let fill = r.u8("a zero page's fill byte")?;
-                    if fill != 0 {
-                        return Err(FormatError::invalid(
-                            r.offset() - 1,
-                            format!("expected a zero page's fill byte 0x00, found 0x{fill:02x}"),
-                        ));
-                    }
-                    self.stats.zero_pages += 1;
-                }
-                FLAG_PAGE => {
-                    self.block_for(r, flags, addr, at)?;
-                    r.skip(page_size, "a RAM page")?;
-                    self.stats.pages += 1;
-                }
-                FLAG_XBZRLE => {
-                    self.block_for(r, flags, addr, at)?;
-                    let enc_at = r.offset();
-                    let enc = r.u8("an XBZRLE encoding byte")?;
-                    if enc != XBZRLE_ENCODING {
-                        return Err(FormatError::invalid(
-                            enc_at,
-                            format!("expected the XBZRLE encoding byte 0x01, found 0x{enc:02x}"),
-                        ));
-                    }
-                    let len_at = r.offset();
-                    let len = r.be16("an XBZRLE length")? as u64;
-                    if len > page_size {
-                        return Err(FormatError::invalid(
-                            len_at,
-                            format!("an XBZRLE delta of {len} bytes is longer than a {page_size}-byte page"),
-                        ));
-                    }
-                    r.skip(len, "an XBZRLE delta")?;
-                    self.stats.xbzrle_pages += 1;
-                }
-                FLAG_COMPRESS_PAGE => {
-                    self.block_for(r, flags, addr, at)?;
-                    let len_at = r.offset();
-                    let len = r.be32("a compressed page's length")? as u64;
-                    // zlib's compressBound for one page, with room to spare.
-                    if len > page_size + page_size / 8 + 64 {
-                        return Err(FormatError::invalid(
-                            len_at,
-                            format!("a compressed page of {len} bytes is longer than zlib makes a {page_size}-byte page"),
-                        ));
-                    }
-                    r.skip(len, "a compressed page")?;
-                    self.stats.compressed_pages += 1;
-                }
-                FLAG_MULTIFD_FLUSH => self.stats.flushes += 1,
-                FLAG_HOOK => {
-                    return Err(FormatError::unsupported(
-                        at,
-                        "found an RDMA hook record (0x80), which only RDMA migration writes and no file holds",
-                    ))
-                }
-                _ => {
-                    return Err(FormatError::invalid(
-                        at,
-                        format!("expected a RAM record, found the unknown flag combination 0x{flags:03x}"),
-                    ))
-                }
+                    format!("expected a RAM record, found the unknown flag combination 0x{flags:03x}"),
+                ))
             }
         }
+        Ok(Record::Other)
     }
 
     /// Resolves the block a page record refers to and checks the page offset.
-    fn block_for(&mut self, r: &mut Reader, flags: u64, addr: u64, at: u64) -> Result<usize> {
+    fn block_for(&self, r: &mut Reader, flags: u64, addr: u64, at: u64) -> Result<usize> {
         let idx = if flags & FLAG_CONTINUE != 0 {
             self.last_block.ok_or_else(|| {
                 FormatError::invalid(at, "a RAM record says CONTINUE, but no earlier record named a block")
@@ -205,14 +214,12 @@ impl RamState {
         } else {
             let id_at = r.offset();
             let id = r.cstr8("a RAM block id")?;
-            let idx = self.blocks.iter().position(|b| b.id.as_bytes() == id).ok_or_else(|| {
+            self.blocks.iter().position(|b| b.id.as_bytes() == id).ok_or_else(|| {
                 FormatError::invalid(
                     id_at,
                     format!("a RAM record names the block \"{}\", which the block list does not have", show_bytes(id)),
                 )
-            })?;
-            self.last_block = Some(idx);
-            idx
+            })?
         };
         let block = &self.blocks[idx];
         if addr >= block.used_length {
@@ -231,7 +238,7 @@ impl RamState {
         if !self.blocks.is_empty() {
             return Err(FormatError::invalid(at, "found a second RAM block list (MEM_SIZE record)"));
         }
-        self.total = total;
+        let mut blocks = Vec::new();
         let mut sum: u64 = 0;
         while sum < total {
             let id_at = r.offset();
@@ -251,11 +258,13 @@ impl RamState {
             let page_size = if self.options.postcopy { self.peek_block_page_size(r)? } else { None };
             let addr = if self.options.ignore_shared { Some(r.be64("a RAM block's address")?) } else { None };
             let mapped = if self.options.mapped_ram { Some(self.parse_mapped_ram(r, &id, used_length)?) } else { None };
-            if self.blocks.len() >= 1 << 16 {
+            if blocks.len() >= 1 << 16 {
                 return Err(FormatError::invalid(id_at, "more than 65536 RAM blocks"));
             }
-            self.blocks.push(RamBlock { id, used_length, page_size, addr, mapped });
+            blocks.push(RamBlock { id, used_length, page_size, addr, mapped });
         }
+        self.total = total;
+        self.blocks = blocks;
         Ok(())
     }
 

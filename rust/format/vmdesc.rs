@@ -114,10 +114,14 @@ pub fn parse(data: &[u8], loc: VmdescLocation) -> Result<Vmdesc> {
     let json = loc
         .json(data)
         .ok_or_else(|| FormatError::truncated(loc.offset, "the vmdesc runs past the end of the file"))?;
-    let value: Value = serde_json::from_slice(json).map_err(|e| {
-        FormatError::invalid(loc.offset + VMDESC_HEADER, format!("expected the vmdesc's JSON, found invalid JSON ({e})"))
-    })?;
-    from_value(&value).map_err(|m| FormatError::invalid(loc.offset + VMDESC_HEADER, m))
+    parse_json(json, loc.offset + VMDESC_HEADER)
+}
+
+/// Parses vmdesc JSON bytes that lie at absolute offset `at`.
+pub fn parse_json(json: &[u8], at: u64) -> Result<Vmdesc> {
+    let value: Value = serde_json::from_slice(json)
+        .map_err(|e| FormatError::invalid(at, format!("expected the vmdesc's JSON, found invalid JSON ({e})")))?;
+    from_value(&value).map_err(|m| FormatError::invalid(at, m))
 }
 
 fn from_value(v: &Value) -> std::result::Result<Vmdesc, String> {

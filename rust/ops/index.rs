@@ -98,7 +98,7 @@ pub fn index(path: &Path, opts: &IndexOptions) -> Result<IndexReport> {
         let extents: Vec<(u64, u64)> = s.items.iter().map(|i| (i.offset, i.end)).collect();
         crc32c_extents(data, &extents, &meter)
     });
-    let dir = directory::encode(data, &s.items, s.eof, s.end, crcs.as_deref());
+    let dir = directory::encode(&s.items, s.eof, s.end, crcs.as_deref());
     meter.finish();
     drop(map);
 

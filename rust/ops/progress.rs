@@ -75,10 +75,14 @@ impl Progress {
         }
         *last = Some(now);
         let done = self.done.load(Ordering::Relaxed);
-        let total = self.total.load(Ordering::Relaxed).max(1);
-        let pct = (done as f64 / total as f64 * 100.0).min(100.0);
+        let total = self.total.load(Ordering::Relaxed);
         let mut err = std::io::stderr().lock();
-        let _ = write!(err, "\r{}: {} of {} ({pct:.0}%)\x1b[K", self.label, human(done), human(total));
+        if total == 0 {
+            let _ = write!(err, "\r{}: {}\x1b[K", self.label, human(done));
+        } else {
+            let pct = (done as f64 / total as f64 * 100.0).min(100.0);
+            let _ = write!(err, "\r{}: {} of {} ({pct:.0}%)\x1b[K", self.label, human(done), human(total));
+        }
         let _ = err.flush();
         self.printed.store(true, Ordering::Relaxed);
     }

@@ -283,11 +283,96 @@ fn strip<'py>(py: Python<'py>, path: PathBuf, force: bool) -> PyResult<Bound<'py
     Ok(d)
 }
 
+fn record_dict<'py>(py: Python<'py>, r: &ops::RecordReport) -> PyResult<Bound<'py, PyDict>> {
+    let d = PyDict::new(py);
+    d.set_item("path", r.path.to_string_lossy())?;
+    d.set_item("stream_size", r.stream_size)?;
+    d.set_item("entries", r.entries)?;
+    d.set_item("directory_offset", r.directory_offset)?;
+    d.set_item("directory_size", r.directory_len)?;
+    d.set_item("reread", r.reread)?;
+    Ok(d)
+}
+
+/// Writes a stream to a file as it arrives and appends its directory at the end.
+#[pyclass(frozen, module = "savedir._core")]
+pub struct Recorder {
+    inner: std::sync::Mutex<Option<ops::Recorder>>,
+    path: PathBuf,
+}
+
+impl Recorder {
+    fn closed(&self) -> PyErr {
+        PyValueError::new_err(format!("{}: the recorder is closed", self.path.display()))
+    }
+}
+
+#[pymethods]
+impl Recorder {
+    #[new]
+    #[pyo3(signature = (path, checksums=true))]
+    fn new(py: Python<'_>, path: PathBuf, checksums: bool) -> PyResult<Self> {
+        let opts = ops::RecordOptions { checksums, progress: false };
+        let rec = py.detach(|| ops::Recorder::create(&path, opts)).map_err(|e| to_pyerr(py, e))?;
+        Ok(Recorder { inner: std::sync::Mutex::new(Some(rec)), path })
+    }
+
+    /// Writes bytes (any object with the buffer protocol); returns their number.
+    fn write(&self, py: Python<'_>, data: pyo3::buffer::PyBuffer<u8>) -> PyResult<usize> {
+        let bytes = data.to_vec(py)?;
+        let mut guard = self.inner.lock().map_err(|_| PyValueError::new_err("recorder lock poisoned"))?;
+        let rec = guard.as_mut().ok_or_else(|| self.closed())?;
+        py.detach(|| rec.write(&bytes)).map_err(|e| to_pyerr(py, e))?;
+        Ok(bytes.len())
+    }
+
+    /// Bytes received so far.
+    #[getter]
+    fn received(&self) -> PyResult<u64> {
+        let guard = self.inner.lock().map_err(|_| PyValueError::new_err("recorder lock poisoned"))?;
+        Ok(guard.as_ref().map_or(0, |r| r.received()))
+    }
+
+    /// Ends the stream: appends the directory, or raises if the stream is
+    /// incomplete or malformed (the file keeps every byte received).
+    fn finish<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyDict>> {
+        let rec = {
+            let mut guard = self.inner.lock().map_err(|_| PyValueError::new_err("recorder lock poisoned"))?;
+            guard.take().ok_or_else(|| self.closed())?
+        };
+        let r = py.detach(move || rec.finish()).map_err(|e| to_pyerr(py, e))?;
+        record_dict(py, &r)
+    }
+
+    /// Stops without a directory: the file keeps the bytes received.
+    fn abort(&self) -> PyResult<()> {
+        let mut guard = self.inner.lock().map_err(|_| PyValueError::new_err("recorder lock poisoned"))?;
+        guard.take();
+        Ok(())
+    }
+}
+
+/// Records the stream on standard input into `path` (the CLI's `record`).
+#[pyfunction]
+#[pyo3(signature = (path, checksums=true, progress=false))]
+fn record_stdin<'py>(py: Python<'py>, path: PathBuf, checksums: bool, progress: bool) -> PyResult<Bound<'py, PyDict>> {
+    let opts = ops::RecordOptions { checksums, progress };
+    let r = py
+        .detach(|| {
+            let mut stdin = std::io::stdin().lock();
+            ops::record_from(&mut stdin, &path, opts)
+        })
+        .map_err(|e| to_pyerr(py, e))?;
+    record_dict(py, &r)
+}
+
 #[pymodule]
 fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<Buffer>()?;
     m.add_class::<Entry>()?;
     m.add_class::<SaveFile>()?;
+    m.add_class::<Recorder>()?;
+    m.add_function(wrap_pyfunction!(record_stdin, m)?)?;
     m.add_function(wrap_pyfunction!(open, m)?)?;
     m.add_function(wrap_pyfunction!(index, m)?)?;
     m.add_function(wrap_pyfunction!(verify, m)?)?;

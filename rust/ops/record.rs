@@ -1,0 +1,341 @@
+//! `savedir record`: write a stream to a file as it arrives and append its
+//! directory when it ends, in one pass, reading nothing back from disk.
+//!
+//! Bytes go to the file first, then to a [`StreamParser`] that keeps only the
+//! bytes of the item it is in (a RAM record, a device section), and to a
+//! running CRC-32C per item. Memory stays bounded by the largest device
+//! section, whatever the size of the RAM.
+
+use std::fs::{File, OpenOptions as FsOpenOptions};
+use std::io::{Read, Write};
+use std::path::{Path, PathBuf};
+
+use crate::format::directory;
+use crate::format::error::{FormatError, FormatErrorKind};
+use crate::format::stream::{self, Item, Progress, StreamParser};
+use crate::format::Kind;
+
+use super::error::{Error, Result};
+use super::progress::Progress as Meter;
+use super::source::map_file;
+
+/// Bytes read from the input at a time.
+const READ_CHUNK: usize = 1 << 20;
+
+#[derive(Clone, Debug)]
+pub struct RecordOptions {
+    /// Write a CRC-32C entry after every entry.
+    pub checksums: bool,
+    /// Show progress on stderr.
+    pub progress: bool,
+}
+
+impl Default for RecordOptions {
+    fn default() -> Self {
+        RecordOptions { checksums: true, progress: false }
+    }
+}
+
+/// What a finished recording wrote.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct RecordReport {
+    pub path: PathBuf,
+    /// Bytes of the stream written.
+    pub stream_size: u64,
+    pub entries: usize,
+    pub directory_offset: u64,
+    pub directory_len: u64,
+    /// True when the device sections had to be re-read from the file because
+    /// a footer inside device data fooled the one-pass parse.
+    pub reread: bool,
+}
+
+/// Writes a stream to a file while parsing it.
+pub struct Recorder {
+    path: PathBuf,
+    file: File,
+    opts: RecordOptions,
+    parser: StreamParser,
+    /// Bytes from absolute offset `buf_base` on that the parser still needs.
+    buf: Vec<u8>,
+    buf_base: u64,
+    /// Bytes received (and written).
+    received: u64,
+    /// CRC of the item in progress, over bytes up to `crc_pos`.
+    crc: u32,
+    crc_pos: u64,
+    crcs: Vec<u32>,
+    /// The first parse error; bytes are still written after it.
+    error: Option<FormatError>,
+    meter: Meter,
+}
+
+impl Recorder {
+    /// Creates (or truncates) `path` and locks it for the recording.
+    pub fn create(path: &Path, opts: RecordOptions) -> Result<Self> {
+        let file = FsOpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(false)
+            .open(path)
+            .map_err(|e| Error::io(path, "create", e))?;
+        file.lock().map_err(|e| Error::io(path, "lock", e))?;
+        file.set_len(0).map_err(|e| Error::io(path, "truncate", e))?;
+        let meter = Meter::new(opts.progress, format!("{}: recording", path.display()), 0);
+        Ok(Recorder {
+            path: path.to_path_buf(),
+            file,
+            opts,
+            parser: StreamParser::new(0, None),
+            buf: Vec::with_capacity(2 * READ_CHUNK),
+            buf_base: 0,
+            received: 0,
+            crc: 0,
+            crc_pos: 0,
+            crcs: Vec::new(),
+            error: None,
+            meter,
+        })
+    }
+
+    /// Bytes received so far.
+    pub fn received(&self) -> u64 {
+        self.received
+    }
+
+    /// Writes `data` to the file and parses it.
+    pub fn write(&mut self, data: &[u8]) -> Result<()> {
+        self.file.write_all(data).map_err(|e| Error::io(&self.path, "write", e))?;
+        self.received += data.len() as u64;
+        self.meter.set(self.received);
+        if self.error.is_some() || self.parser.is_done() {
+            // Keep every byte; parse no further.
+            if self.parser.is_done() && self.error.is_none() {
+                self.error = Some(FormatError::invalid(
+                    self.parser_end(),
+                    "bytes follow the stream's end (its EOF byte and vmdesc)",
+                ));
+            }
+            return Ok(());
+        }
+        self.buf.extend_from_slice(data);
+        self.step(false);
+        Ok(())
+    }
+
+    fn parser_end(&self) -> u64 {
+        self.parser.pos()
+    }
+
+    /// Runs the parser over the buffered bytes, then drops what it is done with.
+    fn step(&mut self, last: bool) {
+        match self.parser.advance(&self.buf, self.buf_base, last, None) {
+            Ok(Progress::NeedMore) | Ok(Progress::Done) => {}
+            Err(e) => {
+                self.error = Some(e);
+                return;
+            }
+        }
+        // The parser may still go back to any byte from `keep` on.
+        let keep = self.parser.keep_from();
+        if self.opts.checksums {
+            self.update_crcs(keep);
+        }
+        let drop = (keep - self.buf_base) as usize;
+        if drop > 0 {
+            self.buf.drain(..drop);
+            self.buf_base = keep;
+        }
+    }
+
+    /// Feeds the bytes up to `keep` into the per-item checksums.
+    fn update_crcs(&mut self, keep: u64) {
+        let items = self.parser.items();
+        while self.crcs.len() < items.len() && items[self.crcs.len()].end <= keep {
+            let it = &items[self.crcs.len()];
+            if self.crc_pos < it.offset {
+                self.crc_pos = it.offset;
+                self.crc = 0;
+            }
+            let b = &self.buf[(self.crc_pos - self.buf_base) as usize..(it.end - self.buf_base) as usize];
+            self.crcs.push(crc32c::crc32c_append(self.crc, b));
+            self.crc = 0;
+            self.crc_pos = it.end;
+        }
+        // The item that `keep` falls in: a completed one, or the one in progress.
+        let current = items.get(self.crcs.len()).map(|i| i.offset).or_else(|| self.parser.item_in_progress());
+        if let Some(start) = current {
+            if self.crc_pos < start {
+                self.crc_pos = start;
+                self.crc = 0;
+            }
+            if keep > self.crc_pos {
+                let b = &self.buf[(self.crc_pos - self.buf_base) as usize..(keep - self.buf_base) as usize];
+                self.crc = crc32c::crc32c_append(self.crc, b);
+                self.crc_pos = keep;
+            }
+        }
+    }
+
+    /// Ends the input: parses what is left and appends the directory. On a
+    /// cut or malformed stream, the file keeps every byte and gets no
+    /// directory, and the error says where the stream stopped.
+    pub fn finish(mut self) -> Result<RecordReport> {
+        if self.error.is_none() && !self.parser.is_done() {
+            self.step(true);
+        }
+        self.meter.finish();
+        if let Some(e) = self.error.take() {
+            self.file.sync_data().map_err(|e| Error::io(&self.path, "flush to disk", e))?;
+            let e = if e.kind == FormatErrorKind::Truncated {
+                FormatError::new(
+                    e.kind,
+                    e.offset,
+                    format!("the stream stopped after {} bytes: {}; no directory was written", self.received, e.message),
+                )
+            } else {
+                FormatError::new(e.kind, e.offset, format!("{}; no directory was written", e.message))
+            };
+            return Err(Error::format(&self.path, e));
+        }
+        let parser = std::mem::replace(&mut self.parser, StreamParser::new(0, None));
+        let desc = parser.vmdesc().cloned();
+        let mut s = parser.finish();
+        let mut crcs = std::mem::take(&mut self.crcs);
+        // Device sections were found by their footers; the vmdesc, which
+        // arrived last, must agree with every size. If a footer's bytes inside
+        // device data fooled the parse, read the stream back once to fix it.
+        let reread = match &desc {
+            Some(d) => !devices_agree(&s.items, d),
+            None => false,
+        };
+        if reread {
+            let map = map_file(&self.path, &self.file)?;
+            let data = map.bytes();
+            s = stream::parse(data, stream::ParseOptions::new(0, s.end)).map_err(|e| Error::format(&self.path, e))?;
+            let ext: Vec<(u64, u64)> = s.items.iter().map(|i| (i.offset, i.end)).collect();
+            crcs = super::checksum::crc32c_extents(data, &ext, &Meter::off());
+        }
+        let crcs = self.opts.checksums.then_some(&crcs[..]);
+        let dir = directory::encode(&s.items, s.eof, s.end, crcs);
+        self.file.write_all(&dir).map_err(|e| Error::io(&self.path, "write the directory", e))?;
+        self.file.sync_data().map_err(|e| Error::io(&self.path, "flush to disk", e))?;
+        Ok(RecordReport {
+            path: self.path.clone(),
+            stream_size: s.end,
+            entries: s.items.len(),
+            directory_offset: s.end,
+            directory_len: dir.len() as u64,
+            reread,
+        })
+    }
+
+}
+
+/// True when every FULL section's payload has the size the vmdesc gives.
+fn devices_agree(items: &[Item], desc: &crate::format::vmdesc::Vmdesc) -> bool {
+    let fulls: Vec<&Item> = items.iter().filter(|i| i.kind == Kind::Full).collect();
+    if fulls.len() != desc.devices.len() {
+        return false;
+    }
+    fulls.iter().zip(&desc.devices).all(|(i, d)| {
+        i.name.as_deref() == Some(d.name.as_str())
+            && i.instance_id == d.instance_id
+            && d.payload_size.is_none_or(|s| s == i.payload_end() - i.payload_start())
+    })
+}
+
+/// Records everything `input` yields into `path` (the CLI's stdin loop).
+pub fn record_from(input: &mut dyn Read, path: &Path, opts: RecordOptions) -> Result<RecordReport> {
+    let mut rec = Recorder::create(path, opts)?;
+    let mut buf = vec![0u8; READ_CHUNK];
+    loop {
+        let n = match input.read(&mut buf) {
+            Ok(0) => break,
+            Ok(n) => n,
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+            Err(e) => return Err(Error::io(path, "read the input stream", e)),
+        };
+        rec.write(&buf[..n])?;
+    }
+    rec.finish()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::format::stream::tests::sample_stream;
+    use crate::ops::{index, IndexOptions};
+
+    fn tmp(name: &str) -> PathBuf {
+        let d = std::env::temp_dir().join(format!("savedir-record-{}-{name}", std::process::id()));
+        std::fs::create_dir_all(&d).unwrap();
+        d.join("out.sav")
+    }
+
+    #[test]
+    fn recording_equals_indexing() {
+        let d = sample_stream(true);
+        let want = tmp("index");
+        std::fs::write(&want, &d).unwrap();
+        index(&want, &IndexOptions::default()).unwrap();
+        let want = std::fs::read(&want).unwrap();
+        for chunk in [1usize, 3, 100, 5000, 1 << 20] {
+            let out = tmp(&format!("rec{chunk}"));
+            let mut rec = Recorder::create(&out, RecordOptions::default()).unwrap();
+            for c in d.chunks(chunk) {
+                rec.write(c).unwrap();
+            }
+            let r = rec.finish().unwrap();
+            assert!(!r.reread);
+            assert_eq!(std::fs::read(&out).unwrap(), want, "chunk {chunk}");
+        }
+    }
+
+    #[test]
+    fn a_cut_stream_keeps_its_bytes_and_gets_no_directory() {
+        let d = sample_stream(true);
+        for cut in [0usize, 5, 30, 200, 3000, d.len() - 10, d.len() - 1] {
+            let out = tmp(&format!("cut{cut}"));
+            let mut input = &d[..cut];
+            let e = record_from(&mut input, &out, RecordOptions::default()).unwrap_err();
+            assert!(matches!(e, Error::Format { .. }), "{e}");
+            assert!(e.to_string().contains("no directory was written"), "{e}");
+            assert_eq!(std::fs::read(&out).unwrap(), &d[..cut]);
+        }
+    }
+
+    fn record_and_index(d: &[u8], name: &str) -> (RecordReport, Vec<u8>, Vec<u8>) {
+        let out = tmp(name);
+        let mut input = d;
+        let r = record_from(&mut input, &out, RecordOptions::default()).unwrap();
+        let want = tmp(&format!("{name}-index"));
+        std::fs::write(&want, d).unwrap();
+        index(&want, &IndexOptions::default()).unwrap();
+        (r, std::fs::read(&out).unwrap(), std::fs::read(&want).unwrap())
+    }
+
+    #[test]
+    fn a_footer_inside_device_data_is_undone_by_going_back() {
+        // Device data holding its own section's footer, followed by bytes
+        // that look like a FULL section header: the first choice fails
+        // further on and the parser goes back to the next footer.
+        let cpu = [0x7e, 0, 0, 0, 6, 4, 0, 0, 0, 9, 1, b'x', 0, 0, 0, 0, 0, 0, 0, 1, 0x7e, 0, 0, 0, 9];
+        let d = crate::format::stream::tests::sample_stream_with(true, &cpu);
+        let (r, got, want) = record_and_index(&d, "back");
+        assert!(!r.reread);
+        assert_eq!(got, want);
+    }
+
+    #[test]
+    fn a_vmdesc_that_disagrees_makes_the_recorder_read_back() {
+        let mut d = sample_stream(true);
+        // Claim 5 bytes for the 4-byte timer device.
+        let at = d.windows(8).rposition(|w| w == br#""size":4"#).unwrap();
+        d[at + 7] = b'5';
+        let (r, got, want) = record_and_index(&d, "reread");
+        assert!(r.reread);
+        assert_eq!(got, want);
+    }
+}
