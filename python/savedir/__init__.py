@@ -494,7 +494,13 @@ class SaveFile:
             raw = self.vmdesc_json
             if raw is None:
                 return None
-            self._vmdesc = json.loads(bytes(raw))
+            try:
+                self._vmdesc = json.loads(bytes(raw))
+            except (ValueError, UnicodeDecodeError) as e:
+                offset = self._f.vmdesc_offset()
+                err = FormatError(f"{self.path}: at offset {offset}: the vmdesc is not valid JSON ({e})")
+                err.path, err.offset = self.path, offset
+                raise err from None
         return self._vmdesc
 
     def view(self, start: int, end: int) -> memoryview:

@@ -155,7 +155,7 @@ def cmd_desc(a: argparse.Namespace) -> int:
             _err(f"{a.file}: the stream has no vmdesc")
             return EXIT_INVALID
         if a.pretty:
-            print(json.dumps(json.loads(bytes(raw)), indent=2))
+            print(json.dumps(f.vmdesc, indent=2))
         else:
             sys.stdout.buffer.write(raw)
             sys.stdout.buffer.write(b"\n")

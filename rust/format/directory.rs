@@ -268,12 +268,13 @@ pub fn decode(v: &View, trailer: Trailer, stream_start: u64) -> Result<Directory
                 let Some(last) = entries.last_mut() else {
                     return Err(err(at, "expected an entry, found a checksum before any entry".into()));
                 };
-                if alg == ALG_CRC32C {
-                    if last.crc32c.is_some() {
-                        return Err(err(at, "found two CRC-32C checksums for one entry".into()));
-                    }
-                    last.crc32c = Some(value);
+                if alg != ALG_CRC32C {
+                    return Err(err(at + 1, format!("expected checksum algorithm 0x01 (CRC-32C), found 0x{alg:02x}")));
                 }
+                if last.crc32c.is_some() {
+                    return Err(err(at, "found two CRC-32C checksums for one entry".into()));
+                }
+                last.crc32c = Some(value);
                 continue;
             }
         };

@@ -1008,19 +1008,24 @@ impl StreamParser {
             }
             return Err(Stop::NeedMore);
         }
-        Err(Stop::Err(FormatError::unsupported(
-            from,
-            format!(
-                "cannot find where {} at offset {} ends: {}",
-                describe(item),
-                item.offset,
-                if self.vmdesc_hint.is_some() {
-                    "the vmdesc does not describe it and no footer followed by a valid item was found"
-                } else {
-                    "the file has no vmdesc to give its size, and no footer followed by a valid item was found"
-                }
-            ),
-        )))
+        // The whole file was searched. With a vmdesc at its end the file is
+        // whole and this section is one savedir cannot delimit; without one,
+        // the likeliest cause is a stream cut short.
+        let what = format!("cannot find where {} at offset {} ends", describe(item), item.offset);
+        Err(Stop::Err(if self.vmdesc_hint.is_some() {
+            FormatError::unsupported(
+                from,
+                format!("{what}: the vmdesc does not describe it and no footer of it is followed by a valid item"),
+            )
+        } else {
+            FormatError::truncated(
+                from,
+                format!(
+                    "{what}: no footer of it is followed by a valid item before the file ends \
+                     (the stream is cut short, or has no vmdesc and a damaged footer)"
+                ),
+            )
+        }))
     }
 
     /// A cheap test that a top-level item could start at `at`.
@@ -1028,7 +1033,7 @@ impl StreamParser {
         Ok(match w.byte(at)? {
             Some(tag::EOF) => match w.byte(at + 1)? {
                 None | Some(tag::DIRECTORY) => true,
-                Some(tag::VMDESC) => w.bytes(at + 2, 5)?.is_some_and(|b| b[4] == b'{'),
+                Some(tag::VMDESC) => w.bytes(at + 2, 4)?.is_some(),
                 Some(_) => false,
             },
             Some(t @ (tag::START | tag::FULL)) => {

@@ -209,6 +209,10 @@ impl SaveFile {
             None => Ok(None),
         }
     }
+    /// Offset of the vmdesc's type byte, or None.
+    fn vmdesc_offset(&self) -> Option<u64> {
+        self.f.vmdesc.map(|v| v.offset)
+    }
     /// Bytes `start..end` of the file as a read-only, zero-copy memoryview.
     fn view<'py>(&self, py: Python<'py>, start: u64, end: u64) -> PyResult<Bound<'py, PyMemoryView>> {
         memoryview(py, &self.f.map, start, end)
