@@ -25,8 +25,8 @@ STREAM = "pc-full-exec-paused"
 QUICK = 30.0
 
 VERIFY_KEYS = {"path", "ok", "check", "offset", "message"}
-INDEX_KEYS = {"path", "written", "entries", "directory_offset", "directory_size", "replaced"}
-LS_KEYS = {"path", "stream_start", "stream_end", "eof", "indexed", "machine_type", "entries"}
+INDEX_KEYS = {"path", "written", "entries", "directory_offset", "directory_size", "replaced", "sidecar"}
+LS_KEYS = {"path", "stream_start", "stream_end", "eof", "indexed", "machine_type", "sidecar", "container", "entries"}
 LS_ENTRY_REQUIRED = {"kind", "offset", "size"}
 LS_ENTRY_OPTIONAL = {"section_id", "name", "instance_id", "version_id", "command", "command_name", "crc32c"}
 

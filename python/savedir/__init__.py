@@ -81,6 +81,8 @@ class IndexResult:
     directory_size: int
     replaced: int
     """Bytes after the stream that ``force=True`` replaced."""
+    sidecar: Optional[str] = None
+    """The sidecar directory (``FILE.savedir``) written or found, if any."""
 
 
 @dataclass(frozen=True)
@@ -121,6 +123,8 @@ class StripResult:
     removed: int
     """Bytes removed; 0 when the file already ended with the stream."""
     stream_end: int
+    sidecar: Optional[str] = None
+    """The sidecar directory that was deleted, if any."""
 
 
 @dataclass(frozen=True)
@@ -135,6 +139,8 @@ class RecordResult:
     reread: bool
     """True when device sections had to be re-read from the file: a footer's
     bytes inside device data fooled the one-pass parse (rare)."""
+    sidecar: Optional[str] = None
+    """The sidecar directory written (``sidecar=True``), if any."""
 
 
 class Recorder(io.RawIOBase):
@@ -157,12 +163,12 @@ class Recorder(io.RawIOBase):
     (True, True)
     """
 
-    def __init__(self, path: PathLike, *, checksums: bool = True) -> None:
+    def __init__(self, path: PathLike, *, checksums: bool = True, sidecar: bool = False) -> None:
         super().__init__()
         self.path: str = os.fspath(path)
         self.result: Optional[RecordResult] = None
         """Set once :meth:`close` has appended the directory."""
-        self._rec = _core.Recorder(self.path, checksums)
+        self._rec = _core.Recorder(self.path, checksums, sidecar)
 
     def writable(self) -> bool:
         return True
@@ -200,13 +206,20 @@ class Recorder(io.RawIOBase):
 
 
 def record(
-    path: PathLike, source: Optional[Any] = None, *, checksums: bool = True, progress: bool = False
+    path: PathLike,
+    source: Optional[Any] = None,
+    *,
+    checksums: bool = True,
+    progress: bool = False,
+    sidecar: bool = False,
 ) -> RecordResult:
     """Records a migration stream into ``path`` and appends its directory.
 
     ``source`` is a binary file object to read the stream from, or None for
     this process's standard input, which is then read in Rust without the
-    GIL (what ``savedir record`` does). See :class:`Recorder`.
+    GIL (what ``savedir record`` does). With ``sidecar`` the directory goes
+    to ``path + ".savedir"`` and ``path`` holds only the stream. See
+    :class:`Recorder`.
 
     >>> import builtins
     >>> with builtins.open("vm.sav", "rb") as src:
@@ -214,8 +227,8 @@ def record(
     True
     """
     if source is None:
-        return RecordResult(**_core.record_stdin(os.fspath(path), checksums, progress))
-    with Recorder(path, checksums=checksums) as rec:
+        return RecordResult(**_core.record_stdin(os.fspath(path), checksums, progress, sidecar))
+    with Recorder(path, checksums=checksums, sidecar=sidecar) as rec:
         while True:
             chunk = source.read(1 << 20)
             if not chunk:
@@ -225,7 +238,15 @@ def record(
     return rec.result
 
 
-def index(path: PathLike, *, force: bool = False, checksums: bool = True, progress: bool = False) -> IndexResult:
+def index(
+    path: PathLike,
+    *,
+    force: bool = False,
+    checksums: bool = True,
+    progress: bool = False,
+    sidecar: bool = False,
+    offset: Optional[int] = None,
+) -> IndexResult:
     """Appends a section directory to the save file at ``path``.
 
     The stream is parsed to its real end (EOF byte and vmdesc); the directory
@@ -234,16 +255,22 @@ def index(path: PathLike, *, force: bool = False, checksums: bool = True, progre
     False) unless ``force`` asks for a rewrite. Unknown bytes after the stream
     raise :class:`TrailingDataError` unless ``force`` replaces them.
 
+    With ``sidecar`` the directory goes to ``path + ".savedir"`` instead and
+    the file stays byte for byte as it is (for tools that read the file's
+    tail, such as QEMU's ``analyze-migration.py``). ``offset`` says where the
+    stream starts when savedir cannot find it by itself (it finds QEMU's
+    magic at 0, behind a libvirt header, or at a page boundary in the first MiB).
+
     >>> r = index("vm.sav")
     >>> r.written, r.entries > 10
     (True, True)
     >>> index("vm.sav").written
     False
     """
-    return IndexResult(**_core.index(os.fspath(path), force, checksums, progress))
+    return IndexResult(**_core.index(os.fspath(path), force, checksums, progress, sidecar, offset))
 
 
-def verify(path: PathLike, *, deep: bool = False, progress: bool = False) -> VerifyResult:
+def verify(path: PathLike, *, deep: bool = False, progress: bool = False, offset: Optional[int] = None) -> VerifyResult:
     """Checks the directory of ``path``: trailer, directory, cross-check, and
     with ``deep`` the whole stream and every checksum.
 
@@ -256,33 +283,38 @@ def verify(path: PathLike, *, deep: bool = False, progress: bool = False) -> Ver
     >>> verify("vm.sav", deep=True).ok
     True
     """
-    return VerifyResult(**_core.verify(os.fspath(path), deep, progress))
+    return VerifyResult(**_core.verify(os.fspath(path), deep, progress, offset))
 
 
-def strip(path: PathLike, *, force: bool = False) -> StripResult:
+def strip(path: PathLike, *, force: bool = False, offset: Optional[int] = None) -> StripResult:
     """Truncates ``path`` back to the stream's end, removing the directory:
-    the file is then byte for byte what QEMU wrote.
+    the file is then byte for byte what QEMU wrote. A sidecar directory is
+    deleted.
 
     >>> before = os.path.getsize("vm.sav")
     >>> _ = index("vm.sav")
     >>> strip("vm.sav").removed > 0, os.path.getsize("vm.sav") == before
     (True, True)
     """
-    return StripResult(**_core.strip(os.fspath(path), force))
+    return StripResult(**_core.strip(os.fspath(path), force, offset))
 
 
-def open(path: PathLike, *, scan: bool = False, progress: bool = False) -> "SaveFile":  # noqa: A001
+def open(  # noqa: A001
+    path: PathLike, *, scan: bool = False, progress: bool = False, offset: Optional[int] = None
+) -> "SaveFile":
     """Opens a save file for reading.
 
-    With a valid directory the file is opened through it, touching only its
-    tail; without one, the stream is parsed from the start. ``scan=True``
-    ignores any directory. A damaged directory raises :class:`DirectoryError`.
+    With a valid directory (appended, or a sidecar ``path + ".savedir"``) the
+    file is opened through it, touching only its tail; without one, the
+    stream is parsed from the start. ``scan=True`` ignores any directory. A
+    damaged directory, or a sidecar that no longer matches its file, raises
+    :class:`DirectoryError`. ``offset``: see :func:`index`.
 
     >>> with open("vm.sav") as f:
     ...     f.indexed, f.entries[0].kind, f.machine_type.startswith("pc-")
     (False, 'configuration', True)
     """
-    return SaveFile(_core.open(os.fspath(path), scan, progress))
+    return SaveFile(_core.open(os.fspath(path), scan, progress, offset))
 
 
 class Section:
@@ -433,6 +465,24 @@ class SaveFile:
     @property
     def directory_offset(self) -> Optional[int]:
         return self._f.directory_offset
+
+    @property
+    def sidecar(self) -> Optional[str]:
+        """The sidecar directory the file was opened through, or None."""
+        p = self._f.sidecar
+        return None if p is None else str(p)
+
+    @property
+    def container(self) -> Optional[dict[str, Any]]:
+        """What wraps the stream: None for a bare stream, or for a libvirt
+        save image ``{"kind": "libvirt", "domain_name", "domain_uuid",
+        "format", "was_running", "version"}``."""
+        return self._f.container()
+
+    @property
+    def stream_found_by_scan(self) -> bool:
+        """True when the stream was found by looking for its magic."""
+        return self._f.stream_found_by_scan
 
     @property
     def entries(self) -> list[Entry]:

@@ -50,11 +50,15 @@ def _each(paths: Sequence[str], fn: Callable[[str], int]) -> int:
 
 def cmd_index(a: argparse.Namespace) -> int:
     def one(p: str) -> int:
-        r = savedir.index(p, force=a.force, checksums=not a.no_checksums, progress=_progress())
+        r = savedir.index(
+            p, force=a.force, checksums=not a.no_checksums, progress=_progress(), sidecar=a.sidecar, offset=a.offset
+        )
         if a.json:
             print(json.dumps(r.__dict__))
         elif not a.quiet:
-            if r.written:
+            if r.written and r.sidecar:
+                print(f"{p}: indexed, {r.entries} entries, directory of {r.directory_size} bytes in {r.sidecar}")
+            elif r.written:
                 extra = f", replaced {r.replaced} bytes after the stream" if r.replaced else ""
                 print(f"{p}: indexed, {r.entries} entries, directory of {r.directory_size} bytes at offset {r.directory_offset}{extra}")
             else:
@@ -69,7 +73,7 @@ def cmd_verify(a: argparse.Namespace) -> int:
 
     def one(p: str) -> int:
         try:
-            r = savedir.verify(p, deep=a.deep, progress=_progress())
+            r = savedir.verify(p, deep=a.deep, progress=_progress(), offset=a.offset)
         except (SavedirError, OSError) as e:
             if not a.json:
                 raise
@@ -102,7 +106,7 @@ def _entry_dict(e: savedir.Entry) -> dict[str, Any]:
 
 
 def cmd_ls(a: argparse.Namespace) -> int:
-    with savedir.open(a.file, scan=a.scan, progress=_progress()) as f:
+    with savedir.open(a.file, scan=a.scan, progress=_progress(), offset=a.offset) as f:
         entries = f.entries
         if a.json:
             out = {
@@ -112,16 +116,24 @@ def cmd_ls(a: argparse.Namespace) -> int:
                 "eof": f.eof,
                 "indexed": f.indexed,
                 "machine_type": f.machine_type,
+                "sidecar": f.sidecar,
+                "container": f.container,
                 "entries": [_entry_dict(e) for e in entries],
             }
             print(json.dumps(out, indent=2))
             return EXIT_OK
-        how = (
-            f"read through its directory at offset {f.directory_offset}"
-            if f.indexed
-            else "not indexed: read by parsing the stream"
-        )
+        if f.sidecar:
+            how = f"read through the sidecar {f.sidecar}"
+        elif f.indexed:
+            how = f"read through its directory at offset {f.directory_offset}"
+        else:
+            how = "not indexed: read by parsing the stream"
         print(f"{a.file}: {f.machine_type or 'unknown machine type'}, stream {f.stream_start}..{f.stream_end}, {how}")
+        c = f.container
+        if c is not None:
+            print(f"libvirt save image: domain {c['domain_name']!r}, uuid {c['domain_uuid']}, format {c['format']}")
+        elif f.stream_found_by_scan:
+            print(f"stream found at offset {f.stream_start} (behind {f.stream_start} bytes of unknown header)")
         print(f"{'OFFSET':>12} {'SIZE':>12}  {'KIND':<13} {'ID':>4}  {'NAME':<32} {'INST':>4} {'VER':>4}")
         for e in entries:
             if e.kind == "command":
@@ -139,7 +151,7 @@ def cmd_ls(a: argparse.Namespace) -> int:
 
 
 def cmd_cat(a: argparse.Namespace) -> int:
-    with savedir.open(a.file, progress=_progress()) as f:
+    with savedir.open(a.file, progress=_progress(), offset=a.offset) as f:
         sec = f.section(a.name, a.instance)
         out = sys.stdout.buffer
         for e in sec.entries:
@@ -149,7 +161,7 @@ def cmd_cat(a: argparse.Namespace) -> int:
 
 
 def cmd_desc(a: argparse.Namespace) -> int:
-    with savedir.open(a.file, progress=_progress()) as f:
+    with savedir.open(a.file, progress=_progress(), offset=a.offset) as f:
         raw = f.vmdesc_json
         if raw is None:
             _err(f"{a.file}: the stream has no vmdesc")
@@ -164,7 +176,7 @@ def cmd_desc(a: argparse.Namespace) -> int:
 
 
 def cmd_record(a: argparse.Namespace) -> int:
-    r = savedir.record(a.file, checksums=not a.no_checksums, progress=_progress())
+    r = savedir.record(a.file, checksums=not a.no_checksums, progress=_progress(), sidecar=a.sidecar)
     if not a.quiet:
         print(f"{a.file}: recorded {r.stream_size} bytes, {r.entries} entries, directory of {r.directory_size} bytes")
     return EXIT_OK
@@ -172,9 +184,12 @@ def cmd_record(a: argparse.Namespace) -> int:
 
 def cmd_strip(a: argparse.Namespace) -> int:
     def one(p: str) -> int:
-        r = savedir.strip(p, force=a.force)
+        r = savedir.strip(p, force=a.force, offset=a.offset)
         if not a.quiet:
-            print(f"{p}: removed {r.removed} bytes" if r.removed else f"{p}: nothing after the stream")
+            if r.sidecar:
+                print(f"{p}: removed the sidecar {r.sidecar}")
+            if r.removed or not r.sidecar:
+                print(f"{p}: removed {r.removed} bytes" if r.removed else f"{p}: nothing after the stream")
         return EXIT_OK
 
     return _each(a.files, one)
@@ -191,15 +206,25 @@ def build_parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", metavar="COMMAND")
     sub.required = True
 
-    def add(name: str, fn: Callable[[argparse.Namespace], int], help: str) -> argparse.ArgumentParser:
+    def add(name: str, fn: Callable[[argparse.Namespace], int], help: str, offset: bool = True) -> argparse.ArgumentParser:
         sp = sub.add_parser(name, help=help, description=help, epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
         sp.set_defaults(fn=fn)
+        if offset:
+            sp.add_argument(
+                "--offset",
+                type=int,
+                default=None,
+                metavar="N",
+                help="the stream starts at byte N (default: found at 0, behind a libvirt header, "
+                "or at a page boundary in the first MiB)",
+            )
         return sp
 
     sp = add("index", cmd_index, "append a section directory after each file's stream")
     sp.add_argument("files", nargs="+", metavar="FILE")
     sp.add_argument("--force", action="store_true", help="rewrite an existing directory; replace unknown bytes after the stream")
     sp.add_argument("--no-checksums", action="store_true", help="write no CRC-32C entries")
+    sp.add_argument("--sidecar", action="store_true", help="write the directory to FILE.savedir and leave FILE unchanged")
     sp.add_argument("--json", action="store_true", help="one JSON object per file")
     sp.add_argument("-q", "--quiet", action="store_true", help="print nothing on success")
 
@@ -228,9 +253,11 @@ def build_parser() -> argparse.ArgumentParser:
         cmd_record,
         "write the stream read on stdin to FILE and append its directory when it ends "
         '(from QEMU: migrate "exec:savedir record FILE")',
+        offset=False,
     )
     sp.add_argument("file", metavar="FILE")
     sp.add_argument("--no-checksums", action="store_true", help="write no CRC-32C entries")
+    sp.add_argument("--sidecar", action="store_true", help="write the directory to FILE.savedir")
     sp.add_argument("-q", "--quiet", action="store_true", help="print nothing on success")
 
     sp = add("strip", cmd_strip, "remove the directory: truncate each file back to its stream's end")

@@ -5,6 +5,7 @@
 
 pub mod directory;
 pub mod error;
+pub mod libvirt;
 pub mod ram;
 pub mod reader;
 pub mod stream;

@@ -1,6 +1,7 @@
-//! `savedir index`: append a directory after the stream.
+//! `savedir index`: append a directory after the stream, or write a sidecar.
 
-use std::fs::OpenOptions as FsOpenOptions;
+use std::fs::{File, OpenOptions as FsOpenOptions};
+use std::io::Write;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 
@@ -10,23 +11,28 @@ use crate::format::tag;
 
 use super::checksum::crc32c_extents;
 use super::error::{Error, Result};
+use super::locate::{check_directory, find_directory, locate, sidecar_path};
 use super::progress::Progress;
 use super::source::{check_regular, map_file};
 
 #[derive(Clone, Debug)]
 pub struct IndexOptions {
     /// Replace whatever follows the stream: a valid directory (rewrite),
-    /// a damaged one, or unknown bytes.
+    /// a damaged one, or unknown bytes. With `sidecar`, rewrite the sidecar.
     pub force: bool,
     /// Write a CRC-32C entry after every entry.
     pub checksums: bool,
     /// Show progress on stderr.
     pub progress: bool,
+    /// Keep the directory in `FILE.savedir` and leave the file as it is.
+    pub sidecar: bool,
+    /// Where the stream starts, when it cannot be found by itself.
+    pub offset: Option<u64>,
 }
 
 impl Default for IndexOptions {
     fn default() -> Self {
-        IndexOptions { force: false, checksums: true, progress: false }
+        IndexOptions { force: false, checksums: true, progress: false, sidecar: false, offset: None }
     }
 }
 
@@ -42,6 +48,8 @@ pub struct IndexReport {
     pub directory_len: u64,
     /// Bytes after the stream that were replaced (`force`).
     pub replaced: u64,
+    /// The sidecar written or found, if any.
+    pub sidecar: Option<PathBuf>,
 }
 
 /// Describes what follows a stream's end, for an error message.
@@ -54,44 +62,76 @@ pub fn describe_trailing(data: &[u8], end: u64) -> String {
     }
 }
 
-pub fn index(path: &Path, opts: &IndexOptions) -> Result<IndexReport> {
-    check_regular(path)?;
+/// Opens a file for writing, refusing read-only files even for root.
+pub fn open_for_writing(path: &Path) -> Result<File> {
+    let md = check_regular(path)?;
+    if md.permissions().readonly() {
+        return Err(Error::io(
+            path,
+            "write",
+            std::io::Error::new(std::io::ErrorKind::PermissionDenied, "the file is read-only (no write permission bits)"),
+        ));
+    }
     let file = FsOpenOptions::new().read(true).write(true).open(path).map_err(|e| Error::io(path, "open for writing", e))?;
     file.lock().map_err(|e| Error::io(path, "lock", e))?;
+    Ok(file)
+}
+
+pub fn index(path: &Path, opts: &IndexOptions) -> Result<IndexReport> {
+    let file = open_for_writing(path)?;
+    // Mapped after the lock: another writer may have changed the file meanwhile.
     let map = map_file(path, &file)?;
     let data = map.bytes();
-    let stream_start = 0;
+    let located = locate(path, data, opts.offset)?;
+    let stream_start = located.stream_start;
+    let report = |written, entries, dir_offset, dir_len, replaced, sidecar| IndexReport {
+        path: path.to_path_buf(),
+        written,
+        entries,
+        directory_offset: dir_offset,
+        directory_len: dir_len,
+        replaced,
+        sidecar,
+    };
 
+    let appended = directory::check_trailer(&View::appended(data)).ok();
+    if opts.sidecar && appended.is_some() {
+        return Err(Error::TrailingData {
+            path: path.to_path_buf(),
+            offset: appended.map_or(0, |t| t.dir),
+            message: "the file has an appended directory already; `savedir strip` it before writing a sidecar".into(),
+        });
+    }
     // A valid directory already: nothing to do, unless a rewrite is asked for.
-    let view = View::appended(data);
-    let trailer = directory::check_trailer(&view).ok();
-    if let Some(t) = trailer {
-        let valid = directory::decode(&view, t, stream_start).and_then(|d| directory::cross_check(&view, &d, stream_start).map(|_| d));
-        if let (Ok(d), false) = (&valid, opts.force) {
-            return Ok(IndexReport {
-                path: path.to_path_buf(),
-                written: false,
-                entries: d.entries.len(),
-                directory_offset: t.dir,
-                directory_len: t.len - t.dir,
-                replaced: 0,
-            });
+    if !opts.force {
+        if let Some(src) = find_directory(path, data)? {
+            if src.sidecar.is_some() == opts.sidecar {
+                if let Ok(d) = check_directory(&src, data, stream_start) {
+                    let t = d.trailer;
+                    return Ok(report(false, d.entries.len(), t.dir, t.len - t.dir, 0, src.sidecar.map(|s| s.0)));
+                }
+            }
         }
     }
 
     map.advise_sequential();
     let meter = Progress::new(opts.progress, format!("{}: indexing", path.display()), map.len());
     let mut tick = |at: u64| meter.set(at);
-    let mut popts = ParseOptions::new(stream_start, trailer.map_or(data.len() as u64, |t| t.dir));
+    let mut popts = ParseOptions::new(stream_start, appended.map_or(data.len() as u64, |t| t.dir));
     popts.progress = Some(&mut tick);
     let s = stream::parse(data, popts).map_err(|e| Error::format(path, e))?;
 
     let len = data.len() as u64;
-    if s.end < len && !opts.force {
+    if s.end < len && (opts.sidecar || !opts.force) {
+        let fix = if opts.sidecar {
+            "a sidecar describes a file that ends with its stream"
+        } else {
+            "`savedir index --force` replaces them"
+        };
         return Err(Error::TrailingData {
             path: path.to_path_buf(),
             offset: s.end,
-            message: format!("{}; `savedir index --force` replaces them", describe_trailing(data, s.end)),
+            message: format!("{}; {fix}", describe_trailing(data, s.end)),
         });
     }
     let crcs = opts.checksums.then(|| {
@@ -102,17 +142,39 @@ pub fn index(path: &Path, opts: &IndexOptions) -> Result<IndexReport> {
     meter.finish();
     drop(map);
 
+    if opts.sidecar {
+        let sc = write_sidecar(path, &dir)?;
+        return Ok(report(true, s.items.len(), s.end, dir.len() as u64, 0, Some(sc)));
+    }
     if s.end < len {
         file.set_len(s.end).map_err(|e| Error::io(path, "truncate", e))?;
     }
     file.write_all_at(&dir, s.end).map_err(|e| Error::io(path, "write the directory", e))?;
     file.sync_data().map_err(|e| Error::io(path, "flush to disk", e))?;
-    Ok(IndexReport {
-        path: path.to_path_buf(),
-        written: true,
-        entries: s.items.len(),
-        directory_offset: s.end,
-        directory_len: dir.len() as u64,
-        replaced: len - s.end,
-    })
+    Ok(report(true, s.items.len(), s.end, dir.len() as u64, len - s.end, None))
+}
+
+/// Writes `FILE.savedir` whole or not at all: a temporary file, flushed,
+/// then renamed over the old sidecar.
+pub fn write_sidecar(path: &Path, dir: &[u8]) -> Result<PathBuf> {
+    let sc = sidecar_path(path);
+    let mut tmp = sc.as_os_str().to_owned();
+    tmp.push(format!(".tmp{}", std::process::id()));
+    let tmp = PathBuf::from(tmp);
+    let res = (|| {
+        let mut f = File::create(&tmp).map_err(|e| Error::io(&tmp, "create", e))?;
+        f.write_all(dir).map_err(|e| Error::io(&tmp, "write", e))?;
+        f.sync_all().map_err(|e| Error::io(&tmp, "flush to disk", e))?;
+        std::fs::rename(&tmp, &sc).map_err(|e| Error::io(&sc, "rename into place", e))?;
+        if let Some(parent) = sc.parent().filter(|p| !p.as_os_str().is_empty()) {
+            if let Ok(d) = File::open(parent) {
+                let _ = d.sync_all();
+            }
+        }
+        Ok(sc.clone())
+    })();
+    if res.is_err() {
+        let _ = std::fs::remove_file(&tmp);
+    }
+    res
 }

@@ -4,6 +4,7 @@
 pub mod checksum;
 pub mod error;
 pub mod index;
+pub mod locate;
 pub mod open;
 pub mod progress;
 pub mod record;

@@ -3,7 +3,7 @@
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-use crate::format::directory::{self, Trailer, View};
+use crate::format::directory::{Directory, Trailer};
 use crate::format::reader::{be32_at, Reader};
 use crate::format::stream::{self, ParseOptions, FOOTER_LEN};
 use crate::format::vmdesc::{self, VmdescLocation};
@@ -11,6 +11,7 @@ use crate::format::{tag, Kind};
 
 use super::error::{Error, Result};
 use super::progress::Progress;
+use super::locate::{check_directory, find_directory, locate, DirSource, Located};
 use super::source::{open_map, Map};
 
 /// One top-level item of a stream, as `ls` shows it.
@@ -73,6 +74,8 @@ pub struct OpenOptions {
     pub scan: bool,
     /// Show progress on stderr while scanning.
     pub progress: bool,
+    /// Where the stream starts, when it cannot be found by itself.
+    pub offset: Option<u64>,
 }
 
 /// An open save file: its mapping and the list of its items.
@@ -93,30 +96,33 @@ pub struct SaveFile {
     pub vmdesc: Option<VmdescLocation>,
     pub footers: bool,
     pub machine_type: Option<String>,
+    /// The wrapper, if any, and how the stream was found.
+    pub located: Located,
+    /// The sidecar the directory was read from, if any (kept mapped).
+    pub sidecar: Option<(PathBuf, Arc<Map>)>,
 }
 
-/// Opens `path`: through its directory when it has a valid one (checks 1–3),
-/// else by parsing the stream. A directory whose trailer is intact but which
-/// fails checks 2 or 3 is an error, unless `opts.scan` asks to ignore it.
+/// Opens `path`: through its directory (appended, or a sidecar) when it has
+/// a valid one (checks 1–3), else by parsing the stream. A directory whose
+/// trailer is intact but which fails a check is an error, unless `opts.scan`
+/// asks to ignore it.
 pub fn open(path: &Path, opts: &OpenOptions) -> Result<SaveFile> {
     let (_file, map) = open_map(path)?;
-    let stream_start = 0;
+    let located = locate(path, map.bytes(), opts.offset)?;
     if !opts.scan {
-        if let Some(f) = open_indexed(path, &map, stream_start)? {
-            return Ok(f);
+        if let Some(src) = find_directory(path, map.bytes())? {
+            let d = check_directory(&src, map.bytes(), located.stream_start)
+                .map_err(|source| Error::Directory { path: path.to_path_buf(), source })?;
+            return Ok(from_directory(path, &map, src, d, located));
         }
     }
-    scan(path, map, stream_start, opts.progress)
+    scan(path, map, located, opts.progress)
 }
 
-/// Reads the directory, if the file has one. `Ok(None)`: no trailer.
-fn open_indexed(path: &Path, map: &Arc<Map>, stream_start: u64) -> Result<Option<SaveFile>> {
+fn from_directory(path: &Path, map: &Arc<Map>, src: DirSource, dir: Directory, located: Located) -> SaveFile {
     let data = map.bytes();
-    let view = View::appended(data);
-    let Ok(trailer) = directory::check_trailer(&view) else { return Ok(None) };
-    let dir = directory::decode(&view, trailer, stream_start)
-        .and_then(|d| directory::cross_check(&view, &d, stream_start).map(|_| d))
-        .map_err(|source| Error::Directory { path: path.to_path_buf(), source })?;
+    let view = src.view(data);
+    let trailer = dir.trailer;
     let extents = dir.extents(&view);
     let mut entries: Vec<Entry> = dir
         .entries
@@ -178,10 +184,10 @@ fn open_indexed(path: &Path, map: &Arc<Map>, stream_start: u64) -> Result<Option
         .iter()
         .find(|s| s.kind == Kind::Configuration)
         .and_then(|s| machine_type_at(data, s.offset));
-    Ok(Some(SaveFile {
+    SaveFile {
         path: path.to_path_buf(),
         map: map.clone(),
-        stream_start,
+        stream_start: located.stream_start,
         stream_end: trailer.dir,
         eof: trailer.eof,
         indexed: true,
@@ -190,7 +196,9 @@ fn open_indexed(path: &Path, map: &Arc<Map>, stream_start: u64) -> Result<Option
         vmdesc,
         footers,
         machine_type,
-    }))
+        located,
+        sidecar: src.sidecar,
+    }
 }
 
 fn machine_type_at(data: &[u8], at: u64) -> Option<String> {
@@ -203,8 +211,9 @@ fn machine_type_at(data: &[u8], at: u64) -> Option<String> {
 }
 
 /// Parses the stream from its start.
-pub fn scan(path: &Path, map: Arc<Map>, stream_start: u64, progress: bool) -> Result<SaveFile> {
+pub fn scan(path: &Path, map: Arc<Map>, located: Located, progress: bool) -> Result<SaveFile> {
     let data = map.bytes();
+    let stream_start = located.stream_start;
     let meter = Progress::new(progress, format!("{}: reading", path.display()), map.len());
     let mut tick = |at: u64| meter.set(at);
     let mut popts = ParseOptions::new(stream_start, data.len() as u64);
@@ -223,6 +232,8 @@ pub fn scan(path: &Path, map: Arc<Map>, stream_start: u64, progress: bool) -> Re
         vmdesc: s.vmdesc,
         footers: s.footers.unwrap_or(false),
         machine_type: s.configuration.map(|c| c.machine_type),
+        located,
+        sidecar: None,
     })
 }
 
@@ -273,5 +284,10 @@ impl SaveFile {
 
     pub fn bytes(&self) -> &[u8] {
         self.map.bytes()
+    }
+
+    /// The directory source this file was opened through.
+    pub fn dir_source(&self) -> DirSource {
+        DirSource { sidecar: self.sidecar.clone() }
     }
 }

@@ -28,11 +28,13 @@ pub struct RecordOptions {
     pub checksums: bool,
     /// Show progress on stderr.
     pub progress: bool,
+    /// Keep the directory in `OUT.savedir` and leave OUT as the stream.
+    pub sidecar: bool,
 }
 
 impl Default for RecordOptions {
     fn default() -> Self {
-        RecordOptions { checksums: true, progress: false }
+        RecordOptions { checksums: true, progress: false, sidecar: false }
     }
 }
 
@@ -48,6 +50,8 @@ pub struct RecordReport {
     /// True when the device sections had to be re-read from the file because
     /// a footer inside device data fooled the one-pass parse.
     pub reread: bool,
+    /// The sidecar written, if any.
+    pub sidecar: Option<PathBuf>,
 }
 
 /// Writes a stream to a file while parsing it.
@@ -82,6 +86,13 @@ impl Recorder {
             .map_err(|e| Error::io(path, "create", e))?;
         file.lock().map_err(|e| Error::io(path, "lock", e))?;
         file.set_len(0).map_err(|e| Error::io(path, "truncate", e))?;
+        // A sidecar left from an earlier file of this name describes nothing now.
+        let sc = super::locate::sidecar_path(path);
+        match std::fs::remove_file(&sc) {
+            Ok(()) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => return Err(Error::io(&sc, "remove", e)),
+        }
         let meter = Meter::new(opts.progress, format!("{}: recording", path.display()), 0);
         Ok(Recorder {
             path: path.to_path_buf(),
@@ -219,8 +230,14 @@ impl Recorder {
         }
         let crcs = self.opts.checksums.then_some(&crcs[..]);
         let dir = directory::encode(&s.items, s.eof, s.end, crcs);
-        self.file.write_all(&dir).map_err(|e| Error::io(&self.path, "write the directory", e))?;
-        self.file.sync_data().map_err(|e| Error::io(&self.path, "flush to disk", e))?;
+        let sidecar = if self.opts.sidecar {
+            self.file.sync_data().map_err(|e| Error::io(&self.path, "flush to disk", e))?;
+            Some(super::index::write_sidecar(&self.path, &dir)?)
+        } else {
+            self.file.write_all(&dir).map_err(|e| Error::io(&self.path, "write the directory", e))?;
+            self.file.sync_data().map_err(|e| Error::io(&self.path, "flush to disk", e))?;
+            None
+        };
         Ok(RecordReport {
             path: self.path.clone(),
             stream_size: s.end,
@@ -228,6 +245,7 @@ impl Recorder {
             directory_offset: s.end,
             directory_len: dir.len() as u64,
             reread,
+            sidecar,
         })
     }
 

@@ -1,6 +1,5 @@
-//! `savedir strip`: truncate a file back to the stream's end.
+//! `savedir strip`: truncate a file back to the stream's end, or remove its sidecar.
 
-use std::fs::OpenOptions as FsOpenOptions;
 use std::path::{Path, PathBuf};
 
 use crate::format::directory::{self, View};
@@ -8,40 +7,43 @@ use crate::format::stream::{self, ParseOptions};
 use crate::format::tag;
 
 use super::error::{Error, Result};
-use super::index::describe_trailing;
-use super::source::{check_regular, map_file};
+use super::index::{describe_trailing, open_for_writing};
+use super::locate::{check_directory, locate, sidecar_path, DirSource};
+use super::source::map_file;
 
 #[derive(Clone, Debug, Default)]
 pub struct StripOptions {
     /// Also remove bytes after the stream that are not a directory.
     pub force: bool,
+    /// Where the stream starts, when it cannot be found by itself.
+    pub offset: Option<u64>,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct StripReport {
     pub path: PathBuf,
-    /// Bytes removed (0: the file already ended with the stream).
+    /// Bytes removed from the file (0: it already ended with the stream).
     pub removed: u64,
     /// The file's size now: the stream's end.
     pub stream_end: u64,
+    /// The sidecar that was deleted, if any.
+    pub sidecar: Option<PathBuf>,
 }
 
 pub fn strip(path: &Path, opts: &StripOptions) -> Result<StripReport> {
-    check_regular(path)?;
-    let file = FsOpenOptions::new().read(true).write(true).open(path).map_err(|e| Error::io(path, "open for writing", e))?;
-    file.lock().map_err(|e| Error::io(path, "lock", e))?;
+    let file = open_for_writing(path)?;
     let map = map_file(path, &file)?;
     let data = map.bytes();
     let len = data.len() as u64;
-    let stream_start = 0;
-    let view = View::appended(data);
+    let stream_start = locate(path, data, opts.offset)?.stream_start;
 
-    let valid_end = directory::check_trailer(&view).ok().and_then(|t| {
-        let d = directory::decode(&view, t, stream_start).ok()?;
-        directory::cross_check(&view, &d, stream_start).ok()?;
-        Some(t.dir)
-    });
-    let end = match valid_end {
+    let appended = DirSource { sidecar: None };
+    let end = if directory::check_trailer(&View::appended(data)).is_ok() {
+        check_directory(&appended, data, stream_start).ok().map(|d| d.trailer.dir)
+    } else {
+        None
+    };
+    let end = match end {
         Some(d) => d,
         None => {
             // Find the stream's real end by parsing it; never trust the tail.
@@ -61,5 +63,11 @@ pub fn strip(path: &Path, opts: &StripOptions) -> Result<StripReport> {
         file.set_len(end).map_err(|e| Error::io(path, "truncate", e))?;
         file.sync_data().map_err(|e| Error::io(path, "flush to disk", e))?;
     }
-    Ok(StripReport { path: path.to_path_buf(), removed: len - end, stream_end: end })
+    let sc = sidecar_path(path);
+    let sidecar = match std::fs::remove_file(&sc) {
+        Ok(()) => Some(sc),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => None,
+        Err(e) => return Err(Error::io(&sc, "remove", e)),
+    };
+    Ok(StripReport { path: path.to_path_buf(), removed: len - end, stream_end: end, sidecar })
 }

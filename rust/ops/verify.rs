@@ -2,12 +2,13 @@
 
 use std::path::{Path, PathBuf};
 
-use crate::format::directory::{self, Check, CheckError, Directory, View};
+use crate::format::directory::{Check, CheckError, Directory, View};
 use crate::format::stream::{self, describe, ParseOptions};
 
 use super::checksum::crc32c_extents;
 use super::error::Result;
 use super::progress::Progress;
+use super::locate::{check_directory, find_directory, locate, DirSource};
 use super::source::open_map;
 
 /// The outcome of verifying one file.
@@ -26,29 +27,42 @@ pub struct VerifyReport {
 
 /// Verifies `path`. I/O errors are `Err`; a file that fails a check is an
 /// `Ok` report with `ok == false`.
-pub fn verify(path: &Path, deep: bool, progress: bool) -> Result<VerifyReport> {
+pub fn verify(path: &Path, deep: bool, progress: bool, offset: Option<u64>) -> Result<VerifyReport> {
     let (_file, map) = open_map(path)?;
     let data = map.bytes();
+    let stream_start = match locate(path, data, offset) {
+        Ok(l) => l.stream_start,
+        // Not a stream at all: checks 1-3 will say what is wrong with it.
+        Err(_) => offset.unwrap_or(0),
+    };
+    let src = find_directory(path, data)?.unwrap_or(DirSource { sidecar: None });
     if deep {
         map.advise_sequential();
     }
     let meter = Progress::new(progress && deep, format!("{}: verifying", path.display()), map.len());
-    Ok(verify_view(path, &View::appended(data), 0, deep, &meter))
+    Ok(verify_source(path, &src, data, stream_start, deep, &meter))
 }
 
-/// Runs the checks on a view of a file.
-pub fn verify_view(path: &Path, view: &View, stream_start: u64, deep: bool, meter: &Progress) -> VerifyReport {
+/// Runs the checks on a file's bytes and its directory source.
+pub fn verify_source(
+    path: &Path,
+    src: &DirSource,
+    data: &[u8],
+    stream_start: u64,
+    deep: bool,
+    meter: &Progress,
+) -> VerifyReport {
     let mut entries = 0;
     let res = (|| -> std::result::Result<(), CheckError> {
-        let trailer = directory::check_trailer(view).map_err(|mut e| {
-            e.message = format!("no section directory: {}", e.message);
+        let dir = check_directory(src, data, stream_start).map_err(|mut e| {
+            if e.check == Check::Trailer && src.sidecar.is_none() {
+                e.message = format!("no section directory: {}", e.message);
+            }
             e
         })?;
-        let dir = directory::decode(view, trailer, stream_start)?;
         entries = dir.entries.len();
-        directory::cross_check(view, &dir, stream_start)?;
         if deep {
-            deep_check(view, &dir, stream_start, meter)?;
+            deep_check(&src.view(data), &dir, stream_start, meter)?;
         }
         Ok(())
     })();
@@ -59,7 +73,11 @@ pub fn verify_view(path: &Path, view: &View, stream_start: u64, deep: bool, mete
             ok: true,
             check: None,
             offset: None,
-            message: format!("{entries} entries{}", if deep { ", stream and checksums match" } else { "" }),
+            message: format!(
+                "{entries} entries{}{}",
+                if src.sidecar.is_some() { " in the sidecar" } else { "" },
+                if deep { ", stream and checksums match" } else { "" }
+            ),
             entries,
             deep,
         },

@@ -223,9 +223,31 @@ impl SaveFile {
         let f = self.f.clone();
         let r = py.detach(move || {
             let meter = ops::Progress::new(progress && deep, format!("{}: verifying", f.path.display()), f.map.len());
-            ops::verify::verify_view(&f.path, &crate::format::directory::View::appended(f.map.bytes()), f.stream_start, deep, &meter)
+            ops::verify::verify_source(&f.path, &f.dir_source(), f.map.bytes(), f.stream_start, deep, &meter)
         });
         verify_dict(py, &r)
+    }
+    /// The sidecar the directory was read from, or None.
+    #[getter]
+    fn sidecar(&self) -> Option<PathBuf> {
+        self.f.sidecar.as_ref().map(|(p, _)| p.clone())
+    }
+    /// What wraps the stream: None, or a dict describing a libvirt header.
+    fn container<'py>(&self, py: Python<'py>) -> PyResult<Option<Bound<'py, PyDict>>> {
+        let Some(h) = &self.f.located.libvirt else { return Ok(None) };
+        let d = PyDict::new(py);
+        d.set_item("kind", "libvirt")?;
+        d.set_item("version", h.version)?;
+        d.set_item("format", h.format)?;
+        d.set_item("was_running", h.was_running)?;
+        d.set_item("domain_name", h.domain_name.as_deref())?;
+        d.set_item("domain_uuid", h.domain_uuid.as_deref())?;
+        Ok(Some(d))
+    }
+    /// True when the stream was found by scanning for its magic.
+    #[getter]
+    fn stream_found_by_scan(&self) -> bool {
+        self.f.located.scanned
     }
 }
 
@@ -243,18 +265,26 @@ fn verify_dict<'py>(py: Python<'py>, r: &ops::VerifyReport) -> PyResult<Bound<'p
 
 /// Opens a save file (through its directory, or by parsing the stream).
 #[pyfunction]
-#[pyo3(signature = (path, scan=false, progress=false))]
-fn open(py: Python<'_>, path: PathBuf, scan: bool, progress: bool) -> PyResult<SaveFile> {
-    let opts = ops::OpenOptions { scan, progress };
+#[pyo3(signature = (path, scan=false, progress=false, offset=None))]
+fn open(py: Python<'_>, path: PathBuf, scan: bool, progress: bool, offset: Option<u64>) -> PyResult<SaveFile> {
+    let opts = ops::OpenOptions { scan, progress, offset };
     let f = py.detach(|| ops::open(&path, &opts)).map_err(|e| to_pyerr(py, e))?;
     Ok(SaveFile { f: Arc::new(f) })
 }
 
 /// Appends a section directory.
 #[pyfunction]
-#[pyo3(signature = (path, force=false, checksums=true, progress=false))]
-fn index<'py>(py: Python<'py>, path: PathBuf, force: bool, checksums: bool, progress: bool) -> PyResult<Bound<'py, PyDict>> {
-    let opts = ops::IndexOptions { force, checksums, progress };
+#[pyo3(signature = (path, force=false, checksums=true, progress=false, sidecar=false, offset=None))]
+fn index<'py>(
+    py: Python<'py>,
+    path: PathBuf,
+    force: bool,
+    checksums: bool,
+    progress: bool,
+    sidecar: bool,
+    offset: Option<u64>,
+) -> PyResult<Bound<'py, PyDict>> {
+    let opts = ops::IndexOptions { force, checksums, progress, sidecar, offset };
     let r = py.detach(|| ops::index(&path, &opts)).map_err(|e| to_pyerr(py, e))?;
     let d = PyDict::new(py);
     d.set_item("path", r.path.to_string_lossy())?;
@@ -263,27 +293,29 @@ fn index<'py>(py: Python<'py>, path: PathBuf, force: bool, checksums: bool, prog
     d.set_item("directory_offset", r.directory_offset)?;
     d.set_item("directory_size", r.directory_len)?;
     d.set_item("replaced", r.replaced)?;
+    d.set_item("sidecar", r.sidecar.as_ref().map(|p| p.to_string_lossy().into_owned()))?;
     Ok(d)
 }
 
 /// Verifies a file's directory.
 #[pyfunction]
-#[pyo3(signature = (path, deep=false, progress=false))]
-fn verify<'py>(py: Python<'py>, path: PathBuf, deep: bool, progress: bool) -> PyResult<Bound<'py, PyDict>> {
-    let r = py.detach(|| ops::verify(&path, deep, progress)).map_err(|e| to_pyerr(py, e))?;
+#[pyo3(signature = (path, deep=false, progress=false, offset=None))]
+fn verify<'py>(py: Python<'py>, path: PathBuf, deep: bool, progress: bool, offset: Option<u64>) -> PyResult<Bound<'py, PyDict>> {
+    let r = py.detach(|| ops::verify(&path, deep, progress, offset)).map_err(|e| to_pyerr(py, e))?;
     verify_dict(py, &r)
 }
 
 /// Truncates a file back to its stream's end.
 #[pyfunction]
-#[pyo3(signature = (path, force=false))]
-fn strip<'py>(py: Python<'py>, path: PathBuf, force: bool) -> PyResult<Bound<'py, PyDict>> {
-    let opts = ops::StripOptions { force };
+#[pyo3(signature = (path, force=false, offset=None))]
+fn strip<'py>(py: Python<'py>, path: PathBuf, force: bool, offset: Option<u64>) -> PyResult<Bound<'py, PyDict>> {
+    let opts = ops::StripOptions { force, offset };
     let r = py.detach(|| ops::strip(&path, &opts)).map_err(|e| to_pyerr(py, e))?;
     let d = PyDict::new(py);
     d.set_item("path", r.path.to_string_lossy())?;
     d.set_item("removed", r.removed)?;
     d.set_item("stream_end", r.stream_end)?;
+    d.set_item("sidecar", r.sidecar.as_ref().map(|p| p.to_string_lossy().into_owned()))?;
     Ok(d)
 }
 
@@ -295,6 +327,7 @@ fn record_dict<'py>(py: Python<'py>, r: &ops::RecordReport) -> PyResult<Bound<'p
     d.set_item("directory_offset", r.directory_offset)?;
     d.set_item("directory_size", r.directory_len)?;
     d.set_item("reread", r.reread)?;
+    d.set_item("sidecar", r.sidecar.as_ref().map(|p| p.to_string_lossy().into_owned()))?;
     Ok(d)
 }
 
@@ -314,9 +347,9 @@ impl Recorder {
 #[pymethods]
 impl Recorder {
     #[new]
-    #[pyo3(signature = (path, checksums=true))]
-    fn new(py: Python<'_>, path: PathBuf, checksums: bool) -> PyResult<Self> {
-        let opts = ops::RecordOptions { checksums, progress: false };
+    #[pyo3(signature = (path, checksums=true, sidecar=false))]
+    fn new(py: Python<'_>, path: PathBuf, checksums: bool, sidecar: bool) -> PyResult<Self> {
+        let opts = ops::RecordOptions { checksums, progress: false, sidecar };
         let rec = py.detach(|| ops::Recorder::create(&path, opts)).map_err(|e| to_pyerr(py, e))?;
         Ok(Recorder { inner: std::sync::Mutex::new(Some(rec)), path })
     }
@@ -358,9 +391,15 @@ impl Recorder {
 
 /// Records the stream on standard input into `path` (the CLI's `record`).
 #[pyfunction]
-#[pyo3(signature = (path, checksums=true, progress=false))]
-fn record_stdin<'py>(py: Python<'py>, path: PathBuf, checksums: bool, progress: bool) -> PyResult<Bound<'py, PyDict>> {
-    let opts = ops::RecordOptions { checksums, progress };
+#[pyo3(signature = (path, checksums=true, progress=false, sidecar=false))]
+fn record_stdin<'py>(
+    py: Python<'py>,
+    path: PathBuf,
+    checksums: bool,
+    progress: bool,
+    sidecar: bool,
+) -> PyResult<Bound<'py, PyDict>> {
+    let opts = ops::RecordOptions { checksums, progress, sidecar };
     let r = py
         .detach(|| {
             let mut stdin = std::io::stdin().lock();
