@@ -405,7 +405,11 @@ def test_strip_refuses_unknown_trailing_bytes(base: Base, tmp_path: Path) -> Non
 
 
 def test_torn_directory(base: Base, tmp_path: Path) -> None:
-    directory = base.indexed[base.d:]
+    # A directory of other settings (no checksums), cut in half: not the one
+    # index would write now, so it is kept unless force is given.
+    other = write(tmp_path / "o.mig", base.pristine)
+    savedir.index(other, checksums=False)
+    directory = other.read_bytes()[base.d :]
     torn = directory[: len(directory) // 2]
     assert torn[0] == 0x7D
     data = base.pristine + torn
@@ -423,6 +427,18 @@ def test_torn_directory(base: Base, tmp_path: Path) -> None:
     assert p.read_bytes() == base.pristine
     # and it can be indexed again
     assert savedir.index(p).written and p.read_bytes() == base.indexed
+
+
+def test_torn_write_of_the_same_directory_is_completed(base: Base, tmp_path: Path) -> None:
+    # What a crash in the middle of writing leaves: the start of the very
+    # directory index writes. index completes it without force.
+    directory = base.indexed[base.d :]
+    for n in (1, 9, len(directory) // 2, len(directory) - 1):
+        p = write(tmp_path / f"t{n}.mig", base.pristine + directory[:n])
+        assert not savedir.verify(p).ok
+        r = savedir.index(p)
+        assert r.written and r.replaced == n
+        assert p.read_bytes() == base.indexed
 
 
 def test_torn_directory_force_index(base: Base, tmp_path: Path) -> None:

@@ -65,6 +65,7 @@ pub fn describe_trailing(data: &[u8], end: u64) -> String {
 /// Opens a file for writing, refusing read-only files even for root.
 pub fn open_for_writing(path: &Path) -> Result<File> {
     let md = check_regular(path)?;
+    check_folder_writable(path)?;
     if md.permissions().readonly() {
         return Err(Error::io(
             path,
@@ -75,6 +76,24 @@ pub fn open_for_writing(path: &Path) -> Result<File> {
     let file = FsOpenOptions::new().read(true).write(true).open(path).map_err(|e| Error::io(path, "open for writing", e))?;
     file.lock().map_err(|e| Error::io(path, "lock", e))?;
     Ok(file)
+}
+
+/// Refuses to create files in a folder without write permission bits, even
+/// for root (who could, but should not change what the owner protected).
+pub fn check_folder_writable(path: &Path) -> Result<()> {
+    let folder = match path.parent() {
+        Some(p) if !p.as_os_str().is_empty() => p,
+        _ => Path::new("."),
+    };
+    let md = std::fs::metadata(folder).map_err(|e| Error::io(folder, "stat", e))?;
+    if md.permissions().readonly() {
+        return Err(Error::io(
+            folder,
+            "create files in",
+            std::io::Error::new(std::io::ErrorKind::PermissionDenied, "the folder is read-only (no write permission bits)"),
+        ));
+    }
+    Ok(())
 }
 
 pub fn index(path: &Path, opts: &IndexOptions) -> Result<IndexReport> {
@@ -122,16 +141,11 @@ pub fn index(path: &Path, opts: &IndexOptions) -> Result<IndexReport> {
     let s = stream::parse(data, popts).map_err(|e| Error::format(path, e))?;
 
     let len = data.len() as u64;
-    if s.end < len && (opts.sidecar || !opts.force) {
-        let fix = if opts.sidecar {
-            "a sidecar describes a file that ends with its stream"
-        } else {
-            "`savedir index --force` replaces them"
-        };
+    if s.end < len && opts.sidecar {
         return Err(Error::TrailingData {
             path: path.to_path_buf(),
             offset: s.end,
-            message: format!("{}; {fix}", describe_trailing(data, s.end)),
+            message: format!("{}; a sidecar describes a file that ends with its stream", describe_trailing(data, s.end)),
         });
     }
     let crcs = opts.checksums.then(|| {
@@ -140,6 +154,16 @@ pub fn index(path: &Path, opts: &IndexOptions) -> Result<IndexReport> {
     });
     let dir = directory::encode(&s.items, s.eof, s.end, crcs.as_deref());
     meter.finish();
+    // Bytes after the stream are replaced only on request, except the start
+    // of this very directory: an earlier write of it that was cut short.
+    let trailing = &data[s.end as usize..];
+    if !trailing.is_empty() && !opts.force && !dir.starts_with(trailing) {
+        return Err(Error::TrailingData {
+            path: path.to_path_buf(),
+            offset: s.end,
+            message: format!("{}; `savedir index --force` replaces them", describe_trailing(data, s.end)),
+        });
+    }
     drop(map);
 
     if opts.sidecar {
@@ -157,6 +181,7 @@ pub fn index(path: &Path, opts: &IndexOptions) -> Result<IndexReport> {
 /// Writes `FILE.savedir` whole or not at all: a temporary file, flushed,
 /// then renamed over the old sidecar.
 pub fn write_sidecar(path: &Path, dir: &[u8]) -> Result<PathBuf> {
+    check_folder_writable(path)?;
     let sc = sidecar_path(path);
     let mut tmp = sc.as_os_str().to_owned();
     tmp.push(format!(".tmp{}", std::process::id()));
@@ -177,4 +202,40 @@ pub fn write_sidecar(path: &Path, dir: &[u8]) -> Result<PathBuf> {
         let _ = std::fs::remove_file(&tmp);
     }
     res
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::format::stream::tests::sample_stream;
+
+    fn tmp(name: &str, data: &[u8]) -> PathBuf {
+        let d = std::env::temp_dir().join(format!("savedir-index-{}-{name}", std::process::id()));
+        std::fs::create_dir_all(&d).unwrap();
+        let p = d.join("vm.sav");
+        std::fs::write(&p, data).unwrap();
+        p
+    }
+
+    #[test]
+    fn a_torn_write_of_the_same_directory_is_completed() {
+        let d = sample_stream(true);
+        let full = tmp("full", &d);
+        index(&full, &IndexOptions::default()).unwrap();
+        let full = std::fs::read(&full).unwrap();
+        for cut in [d.len() + 1, d.len() + 7, full.len() - 1] {
+            let p = tmp(&format!("torn{cut}"), &full[..cut]);
+            let r = index(&p, &IndexOptions::default()).unwrap();
+            assert!(r.written);
+            assert_eq!(r.replaced, (cut - d.len()) as u64);
+            assert_eq!(std::fs::read(&p).unwrap(), full);
+        }
+        // Other bytes are refused and kept.
+        let mut other = d.clone();
+        other.extend_from_slice(b"\x7dnot ours");
+        let p = tmp("other", &other);
+        let e = index(&p, &IndexOptions::default()).unwrap_err();
+        assert!(matches!(e, Error::TrailingData { offset, .. } if offset == d.len() as u64), "{e}");
+        assert_eq!(std::fs::read(&p).unwrap(), other);
+    }
 }

@@ -77,6 +77,15 @@ pub struct Recorder {
 impl Recorder {
     /// Creates (or truncates) `path` and locks it for the recording.
     pub fn create(path: &Path, opts: RecordOptions) -> Result<Self> {
+        if !path.exists() {
+            super::index::check_folder_writable(path)?;
+        } else if std::fs::metadata(path).map_err(|e| Error::io(path, "stat", e))?.permissions().readonly() {
+            return Err(Error::io(
+                path,
+                "write",
+                std::io::Error::new(std::io::ErrorKind::PermissionDenied, "the file is read-only (no write permission bits)"),
+            ));
+        }
         let file = FsOpenOptions::new()
             .read(true)
             .write(true)

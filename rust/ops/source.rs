@@ -75,10 +75,13 @@ pub fn map_file(path: &Path, file: &File) -> Result<Arc<Map>> {
     Ok(Arc::new(Map { map: Some(map) }))
 }
 
-/// Opens and maps a regular file read-only.
+/// Opens and maps a regular file read-only. The file is returned with a
+/// shared lock held (until it is dropped), so savedir's own writers, which
+/// take an exclusive lock, wait until the reader is done.
 pub fn open_map(path: &Path) -> Result<(File, Arc<Map>)> {
     check_regular(path)?;
     let file = File::open(path).map_err(|e| Error::io(path, "open", e))?;
+    file.lock_shared().map_err(|e| Error::io(path, "lock", e))?;
     let map = map_file(path, &file)?;
     Ok((file, map))
 }

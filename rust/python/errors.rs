@@ -32,7 +32,14 @@ pub fn to_pyerr(py: Python<'_>, e: Error) -> PyErr {
         // OSError(errno, strerror, filename) picks the right subclass
         // (FileNotFoundError, PermissionError, ...).
         let msg = e.to_string();
-        return match source.raw_os_error() {
+        // Errors savedir makes itself carry a kind, not an errno.
+        let errno = source.raw_os_error().or(match source.kind() {
+            std::io::ErrorKind::PermissionDenied => Some(13), // EACCES
+            std::io::ErrorKind::NotFound => Some(2),          // ENOENT
+            std::io::ErrorKind::AlreadyExists => Some(17),    // EEXIST
+            _ => None,
+        });
+        return match errno {
             Some(errno) => PyOSError::new_err((errno, msg, path.to_string_lossy().into_owned())),
             None => PyOSError::new_err(msg),
         };
