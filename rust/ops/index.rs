@@ -138,7 +138,7 @@ pub fn index(path: &Path, opts: &IndexOptions) -> Result<IndexReport> {
     let mut tick = |at: u64| meter.set(at);
     let mut popts = ParseOptions::new(stream_start, appended.map_or(data.len() as u64, |t| t.dir));
     popts.progress = Some(&mut tick);
-    let s = stream::parse(data, popts).map_err(|e| Error::format(path, e))?;
+    let s = map.check(path, stream::parse(data, popts).map_err(|e| Error::format(path, e)))?;
 
     let len = data.len() as u64;
     if s.end < len && opts.sidecar {
@@ -154,6 +154,8 @@ pub fn index(path: &Path, opts: &IndexOptions) -> Result<IndexReport> {
     });
     let dir = directory::encode(&s.items, s.eof, s.end, crcs.as_deref());
     meter.finish();
+    // Checksums of bytes that vanished meanwhile would be wrong: write nothing.
+    map.check(path, Ok(()))?;
     // Bytes after the stream are replaced only on request, except the start
     // of this very directory: an earlier write of it that was cut short.
     let trailing = &data[s.end as usize..];

@@ -8,6 +8,7 @@ pub mod locate;
 pub mod open;
 pub mod progress;
 pub mod record;
+pub mod sigbus;
 pub mod source;
 pub mod strip;
 pub mod verify;

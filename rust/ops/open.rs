@@ -112,11 +112,13 @@ pub fn open(path: &Path, opts: &OpenOptions) -> Result<SaveFile> {
     if !opts.scan {
         if let Some(src) = find_directory(path, map.bytes())? {
             let d = check_directory(&src, map.bytes(), located.stream_start)
-                .map_err(|source| Error::Directory { path: path.to_path_buf(), source })?;
+                .map_err(|source| Error::Directory { path: path.to_path_buf(), source });
+            let d = map.check(path, d)?;
             return Ok(from_directory(path, &map, src, d, located));
         }
     }
-    scan(path, map, located, opts.progress)
+    let m = map.clone();
+    m.check(path, scan(path, map, located, opts.progress))
 }
 
 fn from_directory(path: &Path, map: &Arc<Map>, src: DirSource, dir: Directory, located: Located) -> SaveFile {

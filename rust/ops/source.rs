@@ -15,7 +15,10 @@ use super::error::{Error, Result};
 /// after it, under an exclusive lock, and readers check sizes before use.
 #[derive(Debug)]
 pub struct Map {
+    // Declared first: unregistered before the mapping goes away.
+    guard: super::sigbus::Guard,
     map: Option<Mmap>,
+    file: Option<File>,
 }
 
 impl Map {
@@ -29,6 +32,25 @@ impl Map {
 
     pub fn is_empty(&self) -> bool {
         self.len() == 0
+    }
+
+    /// Says how the file changed under the mapping, if it did: pages found
+    /// missing (a SIGBUS turned into zeros), or a smaller size now.
+    pub fn changed(&self) -> Option<String> {
+        if self.guard.hit() {
+            return Some("it was truncated while savedir read it (the bytes past its new end read as zeros)".into());
+        }
+        let now = self.file.as_ref()?.metadata().ok()?.len();
+        (now < self.len()).then(|| format!("it shrank from {} to {now} bytes while savedir read it", self.len()))
+    }
+
+    /// Replaces `res` by [`Error::Changed`] when the file changed meanwhile:
+    /// whatever was read then cannot be trusted.
+    pub fn check<T>(&self, path: &Path, res: Result<T>) -> Result<T> {
+        match self.changed() {
+            Some(message) => Err(Error::Changed { path: path.to_path_buf(), message }),
+            None => res,
+        }
     }
 
     /// Hints that the whole file will be read front to back.
@@ -66,13 +88,16 @@ pub fn check_regular(path: &Path) -> Result<std::fs::Metadata> {
 /// Maps an open file read-only.
 pub fn map_file(path: &Path, file: &File) -> Result<Arc<Map>> {
     let len = file.metadata().map_err(|e| Error::io(path, "stat", e))?.len();
+    let own = file.try_clone().ok();
     if len == 0 {
-        return Ok(Arc::new(Map { map: None }));
+        return Ok(Arc::new(Map { guard: super::sigbus::register(std::ptr::null(), 0), map: None, file: own }));
     }
     // SAFETY: the mapping is read-only; savedir's writers never change bytes
-    // inside the stream, and sizes are re-checked where a change matters.
+    // inside the stream, and a file that shrinks under it reads as zeros
+    // (see sigbus.rs) and is reported by `changed`.
     let map = unsafe { Mmap::map(file) }.map_err(|e| Error::io(path, "map", e))?;
-    Ok(Arc::new(Map { map: Some(map) }))
+    let guard = super::sigbus::register(map.as_ptr(), map.len());
+    Ok(Arc::new(Map { guard, map: Some(map), file: own }))
 }
 
 /// Opens and maps a regular file read-only. The file is returned with a

@@ -40,7 +40,8 @@ pub fn verify(path: &Path, deep: bool, progress: bool, offset: Option<u64>) -> R
         map.advise_sequential();
     }
     let meter = Progress::new(progress && deep, format!("{}: verifying", path.display()), map.len());
-    Ok(verify_source(path, &src, data, stream_start, deep, &meter))
+    let r = verify_source(path, &src, data, stream_start, deep, &meter);
+    map.check(path, Ok(r))
 }
 
 /// Runs the checks on a file's bytes and its directory source.

@@ -223,9 +223,10 @@ impl SaveFile {
         let f = self.f.clone();
         let r = py.detach(move || {
             let meter = ops::Progress::new(progress && deep, format!("{}: verifying", f.path.display()), f.map.len());
-            ops::verify::verify_source(&f.path, &f.dir_source(), f.map.bytes(), f.stream_start, deep, &meter)
+            let r = ops::verify::verify_source(&f.path, &f.dir_source(), f.map.bytes(), f.stream_start, deep, &meter);
+            f.map.check(&f.path, Ok(r))
         });
-        verify_dict(py, &r)
+        verify_dict(py, &r.map_err(|e| to_pyerr(py, e))?)
     }
     /// The sidecar the directory was read from, or None.
     #[getter]

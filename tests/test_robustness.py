@@ -1,0 +1,308 @@
+"""Hostile input, torn writes, concurrent writers, read-only files.
+
+Nothing may crash the interpreter, hang, raise anything but a SavedirError
+or an OSError, or change bytes it must not change.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import random
+import signal
+import stat
+import struct
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+import qemu_harness as h
+import savedir
+import synthetic
+
+SAVEDIR = [sys.executable, "-m", "savedir"]
+EXAMPLE = Path(__file__).resolve().parent.parent / "examples" / "pc-i440fx.sav"
+
+
+def _make_indexed() -> bytes:
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as d:
+        p = Path(d) / "vm.sav"
+        p.write_bytes(EXAMPLE.read_bytes())
+        savedir.index(p)
+        return p.read_bytes()
+
+
+_INDEXED = _make_indexed()
+_STREAM_LEN = EXAMPLE.stat().st_size
+
+
+def exercise(path: Path) -> None:
+    """Every reading operation, plus index on the file: errors allowed, crashes not."""
+    for fn in (
+        lambda: savedir.verify(path),
+        lambda: savedir.verify(path, deep=True),
+        lambda: [e.data for e in savedir.open(path).entries],
+        lambda: savedir.open(path, scan=True).vmdesc,
+        lambda: savedir.index(path),
+    ):
+        try:
+            fn()
+        except (savedir.SavedirError, OSError):
+            pass
+
+
+mutation = st.one_of(
+    st.tuples(st.just("flip"), st.integers(0, len(_INDEXED) - 1), st.integers(1, 255)),
+    st.tuples(st.just("cut"), st.integers(0, len(_INDEXED) - 1), st.just(0)),
+    st.tuples(st.just("insert"), st.integers(0, len(_INDEXED)), st.integers(0, 255)),
+    st.tuples(st.just("pointer"), st.integers(0, 10_000), st.sampled_from([0, 1, 2**63, 2**64 - 1, _STREAM_LEN, 7])),
+    st.tuples(st.just("length"), st.integers(0, 10_000), st.sampled_from([0xFF, 0xFFFF, 0xFFFFFFFF])),
+)
+
+
+def mutate(data: bytes, m: tuple) -> bytes:
+    kind, at, val = m
+    b = bytearray(data)
+    if not b:
+        return bytes([val & 0xFF]) if kind == "insert" else data
+    if kind in ("flip", "cut"):
+        at %= len(b)
+    elif kind == "insert":
+        at %= len(b) + 1
+    if kind == "flip":
+        b[at] ^= val
+    elif kind == "cut":
+        del b[at:]
+    elif kind == "insert":
+        b[at:at] = bytes([val])
+    elif kind == "pointer":
+        # Rewrite the 8 bytes that follow an entry header in the directory:
+        # a pointer of the directory, chosen among the directory's bytes.
+        if len(b) < 40:
+            return bytes(b)
+        d = len(b) - 18
+        start = min(struct.unpack(">Q", bytes(b[-8:]))[0], d - 9)
+        pos = start + 1 + (at % max(1, d - start - 9))
+        b[pos : pos + 8] = struct.pack(">Q", val)
+    elif kind == "length":
+        # A length field anywhere in the stream claims a huge size.
+        if len(b) < 8:
+            return bytes(b)
+        pos = at % (len(b) - 4)
+        b[pos : pos + 4] = struct.pack(">I", val)
+    return bytes(b)
+
+
+@settings(max_examples=150, deadline=5000, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(st.lists(mutation, min_size=1, max_size=4))
+def test_mutated_indexed_streams(tmp_path: Path, ms: list) -> None:
+    data = _INDEXED
+    for m in ms:
+        data = mutate(data, m)
+    p = tmp_path / "m.sav"
+    p.write_bytes(data)
+    exercise(p)
+
+
+def test_billions_of_claimed_entries_and_huge_names(tmp_path: Path) -> None:
+    stream = EXAMPLE.read_bytes()
+    d = len(stream)
+    cases = {
+        # A trailer pointing at a directory that claims 2^32 - 1 byte names.
+        "name255": stream + b"\x7d" + b"\x04\x00\x00\x00\x01\xff" + b"A" * 255 + bytes(8) + b"\x00" + struct.pack(">Q", d - 1) + b"\x7d" + struct.pack(">Q", d),
+        # A directory pointer of 2^64 - 1.
+        "ptrmax": stream + b"\x7d\x00" + struct.pack(">Q", 2**64 - 1) + b"\x7d" + struct.pack(">Q", 2**64 - 1),
+        # A vmdesc claiming 4 GiB of JSON.
+        "vmdesc4g": stream[: stream.rfind(b"\x00\x06")] + b"\x00\x06\xff\xff\xff\xff{",
+        # A RAM block list claiming 2^64 bytes of RAM in 4 billion blocks.
+        "ramtotal": stream[:35] + b"\xff" * 8 + stream[43:],
+        # A PACKAGED command claiming 4 GiB of nested stream.
+        "packaged": stream[:27] + b"\x08\x00\x07\x00\x04\xff\xff\xff\xff" + stream[27:],
+    }
+    for name, data in cases.items():
+        p = tmp_path / f"{name}.sav"
+        p.write_bytes(data)
+        t0 = time.monotonic()
+        exercise(p)
+        assert time.monotonic() - t0 < 10, name
+
+
+def test_not_a_stream_fast(tmp_path: Path) -> None:
+    rnd = tmp_path / "random.bin"
+    rnd.write_bytes(random.Random(1).randbytes(8 << 20))
+    empty = tmp_path / "empty"
+    empty.write_bytes(b"")
+    for p in (rnd, empty, Path("/dev/zero"), tmp_path):
+        t0 = time.monotonic()
+        with pytest.raises(savedir.NotAStreamError) as info:
+            savedir.open(p)
+        assert "not a QEMU migration stream" in str(info.value) or "regular files" in str(info.value)
+        assert str(p) in str(info.value)
+        assert time.monotonic() - t0 < 1.0
+
+
+# ---------------------------------------------------------------------------
+# torn writes and concurrent writers
+
+
+def sha(path: Path, n: int) -> str:
+    with open(path, "rb") as f:
+        return hashlib.sha256(f.read(n)).hexdigest()
+
+
+def test_kill_9_while_indexing_synthetic(tmp_path: Path) -> None:
+    src = tmp_path / "big.sav"
+    info = synthetic.write_stream(str(src), 256 << 20, pages_per_part=64)  # ~1000 parts
+    n = info["file_size"]
+    want = sha(src, n)
+    full = tmp_path / "full.sav"
+    full.write_bytes(src.read_bytes())
+    savedir.index(full)
+    full_bytes = full.read_bytes()
+    rng = random.Random(5)
+    p = tmp_path / "k.sav"
+    outcomes = set()
+    for i in range(8):
+        p.write_bytes(src.read_bytes())
+        proc = subprocess.Popen(SAVEDIR + ["index", "-q", str(p)])
+        time.sleep(rng.uniform(0.05, 0.6))
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+        size = p.stat().st_size
+        assert size >= n
+        assert sha(p, n) == want, "stream bytes changed"
+        outcomes.add("done" if size == len(full_bytes) else "none" if size == n else "torn")
+        r = savedir.index(p)  # succeeds whatever the kill left, without force
+        assert r.written == (size != len(full_bytes))
+        assert p.read_bytes() == full_bytes
+    assert "none" in outcomes, outcomes
+
+
+def test_kill_9_real_stream_still_loads(qemu_stream_by_name, tmp_path: Path) -> None:
+    s = qemu_stream_by_name["q35-full-file-paused"]
+    pristine = s.read_bytes()
+    rng = random.Random(9)
+    p = s.copy_to(tmp_path)
+    for i in range(5):
+        p.write_bytes(pristine)
+        proc = subprocess.Popen(SAVEDIR + ["index", "-q", str(p)])
+        time.sleep(rng.uniform(0.0, 0.15))
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+        assert p.read_bytes()[: len(pristine)] == pristine
+        st_ = h.load_stream(p, s.machine, list(s.devices), uri_kind="file")
+        assert st_["status"] in h.LOADED_STATES
+        savedir.index(p)
+        assert savedir.verify(p, deep=True).ok
+
+
+def test_concurrent_indexers_leave_one_directory(qemu_stream_by_name, tmp_path: Path) -> None:
+    s = qemu_stream_by_name["pc-full-exec-paused"]
+    want = s.copy_to(tmp_path / "want")
+    savedir.index(want)
+    for i in range(5):
+        p = s.copy_to(tmp_path / f"c{i}")
+        procs = [subprocess.Popen(SAVEDIR + ["index", "--json", str(p)], stdout=subprocess.PIPE) for _ in range(3)]
+        outs = [pr.communicate(timeout=60)[0] for pr in procs]
+        assert all(pr.returncode == 0 for pr in procs), outs
+        assert sum(b'"written": true' in o for o in outs) == 1, outs
+        assert p.read_bytes() == want.read_bytes()
+
+
+# ---------------------------------------------------------------------------
+# read-only files and folders
+
+
+def test_read_only_file_and_folder(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    import savedir.cli
+
+    folder = tmp_path / "ro"
+    folder.mkdir()
+    p = folder / "vm.sav"
+    p.write_bytes(EXAMPLE.read_bytes())
+    savedir.index(p)
+    before = p.read_bytes()
+    p.chmod(0o444)
+    for fn in (lambda: savedir.index(p, force=True), lambda: savedir.strip(p), lambda: savedir.index(p, sidecar=True)):
+        with pytest.raises(PermissionError) as info:
+            fn()
+        assert str(p) in str(info.value) or str(folder) in str(info.value)
+    assert p.read_bytes() == before
+    # Reading works.
+    assert savedir.verify(p, deep=True).ok
+    assert savedir.cli.main(["ls", str(p)]) == 0
+    assert savedir.cli.main(["desc", str(p)]) == 0
+    capsys.readouterr()
+    assert subprocess.run(SAVEDIR + ["cat", str(p), "cpu"], capture_output=True).returncode == 0
+    assert savedir.cli.main(["strip", str(p)]) == 2
+    assert "read-only" in capsys.readouterr().err
+    # A writable file in a read-only folder: nothing is changed or created.
+    p.chmod(0o644)
+    savedir.strip(p)
+    stripped = p.read_bytes()
+    folder.chmod(0o555)
+    try:
+        for fn in (lambda: savedir.index(p), lambda: savedir.index(p, sidecar=True)):
+            with pytest.raises(PermissionError):
+                fn()
+        assert p.read_bytes() == stripped
+        assert sorted(os.listdir(folder)) == ["vm.sav"]
+        with pytest.raises(PermissionError):
+            savedir.record(folder / "new.sav", open(p, "rb"))
+        assert sorted(os.listdir(folder)) == ["vm.sav"]
+    finally:
+        folder.chmod(stat.S_IRWXU)
+
+
+# ---------------------------------------------------------------------------
+# a file changed under a reader
+
+
+def test_file_truncated_under_open_views(tmp_path: Path) -> None:
+    p = tmp_path / "vm.sav"
+    synthetic.write_stream(str(p), 64 << 20, pages_per_part=2048)
+    savedir.index(p)
+    with savedir.open(p) as f:
+        part = [e for e in f.entries if e.kind == "part"][-1]
+        view = part.data
+        assert bytes(view[-4096:]) != bytes(4096)
+        os.truncate(p, 1 << 20)
+        # Reading past the new end would be a SIGBUS: it reads zeros instead.
+        assert bytes(view[-4096:]) == bytes(4096)
+        with pytest.raises(savedir.FileChangedError) as info:
+            f.verify(deep=True)
+        assert str(p) in str(info.value)
+
+
+@pytest.mark.parametrize("command", [["verify", "--deep"], ["index"], ["ls", "--scan"]])
+def test_file_truncated_while_a_command_reads_it(tmp_path: Path, command: list[str]) -> None:
+    src = tmp_path / "big.sav"
+    synthetic.write_stream(str(src), 1 << 30, pages_per_part=4096)
+    if command[0] == "verify":
+        savedir.index(src)
+    outcomes = []
+    for delay in (0.05, 0.2, 0.4):
+        p = tmp_path / "t.sav"
+        os.replace(src, p) if not p.exists() else None
+        proc = subprocess.Popen(SAVEDIR + command + [str(p)], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        time.sleep(delay)
+        os.truncate(p, 64 << 20)
+        err = proc.communicate(timeout=120)[1].decode()
+        # Never killed by a signal: a clean report or success.
+        assert proc.returncode in (0, 1), (proc.returncode, err)
+        # Truncated before savedir mapped it: a stream cut short; during
+        # the read: "changed while it was read"; after: success.
+        outcomes.append((proc.returncode, err == "" or (str(p) in err and "Traceback" not in err)))
+        assert all(ok for _, ok in outcomes), (outcomes, err)
+        # Rebuild the big file for the next round.
+        synthetic.write_stream(str(src), 1 << 30, pages_per_part=4096)
+        if command[0] == "verify":
+            savedir.index(src)
+        os.replace(src, p)
