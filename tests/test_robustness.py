@@ -284,7 +284,7 @@ def test_file_truncated_under_open_views(tmp_path: Path) -> None:
 @pytest.mark.parametrize("command", [["verify", "--deep"], ["index"], ["ls", "--scan"]])
 def test_file_truncated_while_a_command_reads_it(tmp_path: Path, command: list[str]) -> None:
     src = tmp_path / "big.sav"
-    synthetic.write_stream(str(src), 1 << 30, pages_per_part=4096)
+    synthetic.write_stream(str(src), 512 << 20, pages_per_part=4096)
     if command[0] == "verify":
         savedir.index(src)
     outcomes = []
@@ -302,7 +302,7 @@ def test_file_truncated_while_a_command_reads_it(tmp_path: Path, command: list[s
         outcomes.append((proc.returncode, err == "" or (str(p) in err and "Traceback" not in err)))
         assert all(ok for _, ok in outcomes), (outcomes, err)
         # Rebuild the big file for the next round.
-        synthetic.write_stream(str(src), 1 << 30, pages_per_part=4096)
+        synthetic.write_stream(str(src), 512 << 20, pages_per_part=4096)
         if command[0] == "verify":
             savedir.index(src)
         os.replace(src, p)
