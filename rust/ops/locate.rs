@@ -104,6 +104,23 @@ pub fn find_directory(path: &Path, data: &[u8]) -> Result<Option<DirSource>> {
 /// Checks 1–3 on a directory source; for a sidecar, also that it was
 /// written for this file (its directory pointer equals the file's size).
 pub fn check_directory(src: &DirSource, data: &[u8], stream_start: u64) -> std::result::Result<Directory, CheckError> {
+    let d = check_structure(src, data, stream_start)?;
+    cross_check(src, data, &d, stream_start)?;
+    Ok(d)
+}
+
+/// Check 3 alone, after [`check_structure`].
+pub fn cross_check(src: &DirSource, data: &[u8], d: &Directory, stream_start: u64) -> std::result::Result<(), CheckError> {
+    directory::cross_check(&src.view(data), d, stream_start).map_err(|mut e| {
+        if let Some((p, _)) = &src.sidecar {
+            e.message = format!("sidecar {}: {}", p.display(), e.message);
+        }
+        e
+    })
+}
+
+/// Checks 1 and 2 (and that a sidecar belongs to this file).
+pub fn check_structure(src: &DirSource, data: &[u8], stream_start: u64) -> std::result::Result<Directory, CheckError> {
     let view = src.view(data);
     let prefix = |mut e: CheckError| {
         if let Some((p, _)) = &src.sidecar {
@@ -123,7 +140,5 @@ pub fn check_directory(src: &DirSource, data: &[u8], stream_start: u64) -> std::
             ),
         )));
     }
-    let d = directory::decode(&view, trailer, stream_start).map_err(prefix)?;
-    directory::cross_check(&view, &d, stream_start).map_err(prefix)?;
-    Ok(d)
+    directory::decode(&view, trailer, stream_start).map_err(prefix)
 }

@@ -8,7 +8,7 @@ use crate::format::stream::{self, describe, ParseOptions};
 use super::checksum::crc32c_extents;
 use super::error::Result;
 use super::progress::Progress;
-use super::locate::{check_directory, find_directory, locate, DirSource};
+use super::locate::{check_structure, cross_check, find_directory, locate, DirSource};
 use super::source::open_map;
 
 /// The outcome of verifying one file.
@@ -55,17 +55,22 @@ pub fn verify_source(
 ) -> VerifyReport {
     let mut entries = 0;
     let res = (|| -> std::result::Result<(), CheckError> {
-        let dir = check_directory(src, data, stream_start).map_err(|mut e| {
+        let dir = check_structure(src, data, stream_start).map_err(|mut e| {
             if e.check == Check::Trailer && src.sidecar.is_none() {
                 e.message = format!("no section directory: {}", e.message);
             }
             e
         })?;
         entries = dir.entries.len();
-        if deep {
-            deep_check(&src.view(data), &dir, stream_start, meter)?;
+        if !deep {
+            return cross_check(src, data, &dir, stream_start);
         }
-        Ok(())
+        // The long sequential read first: reading one header per entry
+        // across a cold file before it would defeat the kernel's read-ahead.
+        // Failures are still reported in the checks' order.
+        let deep_res = deep_check(&src.view(data), &dir, stream_start, meter);
+        cross_check(src, data, &dir, stream_start)?;
+        deep_res
     })();
     meter.finish();
     match res {
