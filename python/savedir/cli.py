@@ -138,7 +138,7 @@ def cmd_ls(a: argparse.Namespace) -> int:
         for e in entries:
             if e.kind == "command":
                 name = e.command_name or ""
-                print(f"{e.offset:>12} {e.size:>12}  {e.kind:<13} {'':>4}  {name:<32}")
+                print(f"{e.offset:>12} {e.size:>12}  {e.kind:<13} {'':>4}  {name}")
             elif e.section_id is not None:
                 print(
                     f"{e.offset:>12} {e.size:>12}  {e.kind:<13} {e.section_id:>4}  {e.name or '':<32} "

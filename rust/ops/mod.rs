@@ -17,7 +17,7 @@ pub use error::{Error, Result};
 pub use index::{index, IndexOptions, IndexReport};
 pub use open::{open, Entry, OpenOptions, SaveFile};
 pub use progress::Progress;
-pub use record::{record_from, RecordOptions, RecordReport, Recorder};
+pub use record::{record_from, record_stdin, RecordOptions, RecordReport, Recorder};
 pub use source::Map;
 pub use strip::{strip, StripOptions, StripReport};
 pub use verify::{verify, VerifyReport};

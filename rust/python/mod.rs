@@ -402,10 +402,7 @@ fn record_stdin<'py>(
 ) -> PyResult<Bound<'py, PyDict>> {
     let opts = ops::RecordOptions { checksums, progress, sidecar };
     let r = py
-        .detach(|| {
-            let mut stdin = std::io::stdin().lock();
-            ops::record_from(&mut stdin, &path, opts)
-        })
+        .detach(|| ops::record_stdin(&path, opts))
         .map_err(|e| to_pyerr(py, e))?;
     record_dict(py, &r)
 }
