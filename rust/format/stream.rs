@@ -308,7 +308,7 @@ pub struct StreamParser {
     last_tick: u64,
     /// Footers chosen by [`resync`](Self::resync) that later items have not
     /// yet confirmed: where to go back to if the parse fails further on.
-    choices: Vec<Choice>,
+    choices: std::collections::VecDeque<Choice>,
     /// Set when going back: search the section at `.0` from offset `.1`.
     resume: Option<(u64, u64)>,
     backtracks: u32,
@@ -354,7 +354,7 @@ impl StreamParser {
             vmdesc: None,
             resynced: 0,
             last_tick: 0,
-            choices: Vec::new(),
+            choices: std::collections::VecDeque::new(),
             resume: None,
             backtracks: 0,
             first_error: None,
@@ -364,12 +364,12 @@ impl StreamParser {
     /// Absolute offset from which the caller must keep the stream's bytes:
     /// the parser may still go back to any offset after it.
     pub fn keep_from(&self) -> u64 {
-        self.choices.first().map_or(self.pos, |c| c.pos.min(self.pos))
+        self.choices.front().map_or(self.pos, |c| c.pos.min(self.pos))
     }
 
     /// Goes back to the latest footer choice, if there is one left.
     fn backtrack(&mut self, e: FormatError) -> std::result::Result<(), FormatError> {
-        let Some(c) = self.choices.pop() else {
+        let Some(c) = self.choices.pop_back() else {
             return Err(self.first_error.take().unwrap_or(e));
         };
         self.backtracks += 1;
@@ -462,11 +462,11 @@ impl StreamParser {
                 // The whole stream parsed: every footer choice is confirmed.
                 self.choices.clear();
                 self.first_error = None;
-            } else if let Some(c) = self.choices.first() {
+            } else if let Some(c) = self.choices.front() {
                 // Choices far behind are taken as confirmed, which bounds the
                 // bytes a stream that is still arriving must keep.
                 if self.choices.len() > MAX_CHOICES || self.pos - c.pos > MAX_PENDING_SECTION {
-                    self.choices.remove(0);
+                    self.choices.pop_front();
                 }
             }
         }
@@ -976,11 +976,11 @@ impl StreamParser {
             let at = from + (pos + i) as u64;
             if self.plausible_item_at(w, at + FOOTER_LEN)? {
                 self.resume = None;
-                if self.choices.last().is_some_and(|c| c.pos == item.offset) {
+                if self.choices.back().is_some_and(|c| c.pos == item.offset) {
                     // The same section again, after a window that was short.
-                    self.choices.pop();
+                    self.choices.pop_back();
                 }
-                self.choices.push(Choice {
+                self.choices.push_back(Choice {
                     pos: item.offset,
                     items: self.items.len(),
                     sections: self.sections.clone(),
