@@ -173,7 +173,7 @@ class Recorder(io.RawIOBase):
     def writable(self) -> bool:
         return True
 
-    def write(self, b: Any) -> int:  # type: ignore[override]
+    def write(self, b: Any) -> int:
         if self.closed:
             raise ValueError("write to a closed Recorder")
         return self._rec.write(b)
@@ -405,7 +405,7 @@ class SaveFile:
     def __init__(self, core: _core.SaveFile) -> None:
         self._core: Optional[_core.SaveFile] = core
         self._entries: Optional[list[Entry]] = None
-        self._vmdesc: Any = None
+        self._vmdesc: Optional[dict[str, Any]] = None
 
     @property
     def _f(self) -> _core.SaveFile:
@@ -545,7 +545,10 @@ class SaveFile:
             if raw is None:
                 return None
             try:
-                self._vmdesc = json.loads(bytes(raw))
+                desc = json.loads(bytes(raw))
+                if not isinstance(desc, dict):
+                    raise ValueError("expected a JSON object")
+                self._vmdesc = desc
             except (ValueError, UnicodeDecodeError) as e:
                 offset = self._f.vmdesc_offset()
                 err = FormatError(f"{self.path}: at offset {offset}: the vmdesc is not valid JSON ({e})")

@@ -1,15 +1,18 @@
 """Typing stubs of the native module (Rust, PyO3). Use the ``savedir`` package instead."""
 
 from os import PathLike
-from typing import Any, Optional, Union
+from typing import Any, Optional, Union, final
 
 _Path = Union[str, PathLike[str]]
 
 __version__: str
+__all__ = ["Buffer", "Entry", "SaveFile", "Recorder", "record_stdin", "open", "index", "verify", "strip", "__version__"]
 
+@final
 class Buffer:
     def __len__(self) -> int: ...
 
+@final
 class Entry:
     @property
     def kind(self) -> str: ...
@@ -42,6 +45,7 @@ class Entry:
     @property
     def payload(self) -> memoryview: ...
 
+@final
 class SaveFile:
     @property
     def path(self) -> str: ...
@@ -73,8 +77,9 @@ class SaveFile:
     @property
     def stream_found_by_scan(self) -> bool: ...
 
+@final
 class Recorder:
-    def __init__(self, path: _Path, checksums: bool = True, sidecar: bool = False) -> None: ...
+    def __new__(cls, path: _Path, checksums: bool = True, sidecar: bool = False) -> Recorder: ...
     def write(self, data: Any) -> int: ...
     @property
     def received(self) -> int: ...
