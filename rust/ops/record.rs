@@ -21,6 +21,8 @@ use super::source::map_file;
 
 /// Bytes read from the input at a time.
 const READ_CHUNK: usize = 1 << 20;
+/// New bytes appended to an unfinished item before parsing in place again.
+const PREFIX: usize = 16 << 10;
 
 #[derive(Clone, Debug)]
 pub struct RecordOptions {
@@ -139,8 +141,30 @@ impl Recorder {
             }
             return Ok(());
         }
-        self.buf.extend_from_slice(data);
-        self.step(false);
+        let base = self.received - data.len() as u64;
+        if self.buf.is_empty() {
+            // Parse in place; keep only what the parser is not done with.
+            if let Some(keep) = self.run(data, base, false) {
+                self.stash(data, base, keep);
+            }
+            return Ok(());
+        }
+        // Bytes of an unfinished item wait in the buffer. A RAM record is
+        // short: a few KiB of the new data finish it, and the rest is parsed
+        // in place. A larger item (a device section) takes the slow path.
+        let p = data.len().min(PREFIX);
+        self.buf.extend_from_slice(&data[..p]);
+        let Some(keep) = self.run_buffer(false) else { return Ok(()) };
+        if keep >= base {
+            self.buf.clear();
+            let from = (keep - base) as usize;
+            if let Some(keep2) = self.run(&data[from..], keep, false) {
+                self.stash(data, base, keep2);
+            }
+        } else {
+            self.buf.extend_from_slice(&data[p..]);
+            self.run_buffer(false);
+        }
         Ok(())
     }
 
@@ -148,38 +172,56 @@ impl Recorder {
         self.parser.pos()
     }
 
-    /// Runs the parser over the buffered bytes, then drops what it is done with.
-    fn step(&mut self, last: bool) {
-        match self.parser.advance(&self.buf, self.buf_base, last, None) {
-            Ok(Progress::NeedMore) | Ok(Progress::Done) => {}
-            Err(e) => {
-                self.error = Some(e);
-                return;
+    /// Keeps `data[keep - base..]` (bytes the parser still needs) in the buffer.
+    fn stash(&mut self, data: &[u8], base: u64, keep: u64) {
+        self.buf.clear();
+        self.buf.extend_from_slice(&data[(keep - base) as usize..]);
+        self.buf_base = keep;
+    }
+
+    /// Runs the parser over the buffer and drops what it is done with.
+    fn run_buffer(&mut self, last: bool) -> Option<u64> {
+        let buf = std::mem::take(&mut self.buf);
+        let keep = self.run(&buf, self.buf_base, last);
+        self.buf = buf;
+        if let Some(keep) = keep {
+            let drop = (keep - self.buf_base) as usize;
+            if drop > 0 {
+                self.buf.drain(..drop);
+                self.buf_base = keep;
             }
+        }
+        keep
+    }
+
+    /// Runs the parser over `window` (file bytes from `base`) and feeds the
+    /// checksums. Returns the offset from which bytes must be kept, or None
+    /// after an error (kept in `self.error`).
+    fn run(&mut self, window: &[u8], base: u64, last: bool) -> Option<u64> {
+        if let Err(e) = self.parser.advance(window, base, last, None) {
+            self.error = Some(e);
+            return None;
         }
         // The parser may still go back to any byte from `keep` on.
         let keep = self.parser.keep_from();
         if self.opts.checksums {
-            self.update_crcs(keep);
+            self.update_crcs(window, base, keep);
         }
-        let drop = (keep - self.buf_base) as usize;
-        if drop > 0 {
-            self.buf.drain(..drop);
-            self.buf_base = keep;
-        }
+        Some(keep)
     }
 
-    /// Feeds the bytes up to `keep` into the per-item checksums.
-    fn update_crcs(&mut self, keep: u64) {
+    /// Feeds the bytes up to `keep` (which lie in `window`, from `base`)
+    /// into the per-item checksums.
+    fn update_crcs(&mut self, window: &[u8], base: u64, keep: u64) {
         let items = self.parser.items();
+        let at = |a: u64, b: u64| &window[(a - base) as usize..(b - base) as usize];
         while self.crcs.len() < items.len() && items[self.crcs.len()].end <= keep {
             let it = &items[self.crcs.len()];
             if self.crc_pos < it.offset {
                 self.crc_pos = it.offset;
                 self.crc = 0;
             }
-            let b = &self.buf[(self.crc_pos - self.buf_base) as usize..(it.end - self.buf_base) as usize];
-            self.crcs.push(crc32c::crc32c_append(self.crc, b));
+            self.crcs.push(crc32c::crc32c_append(self.crc, at(self.crc_pos, it.end)));
             self.crc = 0;
             self.crc_pos = it.end;
         }
@@ -191,8 +233,7 @@ impl Recorder {
                 self.crc = 0;
             }
             if keep > self.crc_pos {
-                let b = &self.buf[(self.crc_pos - self.buf_base) as usize..(keep - self.buf_base) as usize];
-                self.crc = crc32c::crc32c_append(self.crc, b);
+                self.crc = crc32c::crc32c_append(self.crc, at(self.crc_pos, keep));
                 self.crc_pos = keep;
             }
         }
@@ -203,7 +244,7 @@ impl Recorder {
     /// directory, and the error says where the stream stopped.
     pub fn finish(mut self) -> Result<RecordReport> {
         if self.error.is_none() && !self.parser.is_done() {
-            self.step(true);
+            self.run_buffer(true);
         }
         self.meter.finish();
         if let Some(e) = self.error.take() {
