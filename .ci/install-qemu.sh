@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Installs Debian's qemu-system-x86 10.x from bookworm-backports (adding that
 # suite to apt's sources, on the same mirror the machine already uses, when it
-# is missing). Idempotent; run as root.
+# is missing), and unpacks bookworm's QEMU 7.2 under /opt/savedir-test for the
+# tests. Idempotent; run as root.
 set -euo pipefail
 SUDO=""; [ "$(id -u)" -eq 0 ] || SUDO=sudo
 
@@ -12,11 +13,8 @@ have_qemu() {
   v=$(qemu-system-x86_64 --version | sed -n 's/^QEMU emulator version \([0-9]*\)\..*/\1/p')
   [ "${v:-0}" -ge "$want_major" ]
 }
-if have_qemu; then
-  exit 0
-fi
-
 export DEBIAN_FRONTEND=noninteractive
+if ! have_qemu; then
 if ! grep -rqs 'bookworm-backports' /etc/apt/sources.list /etc/apt/sources.list.d/; then
   # Reuse the URI of the mirror that serves the bookworm suite already.
   uri=$(awk '
@@ -37,3 +35,24 @@ $SUDO apt-get update -qq
 $SUDO apt-get install -y -qq -t bookworm-backports --no-install-recommends \
   qemu-system-x86 qemu-system-data qemu-utils ovmf seabios ipxe-qemu >/dev/null
 have_qemu || { echo "install-qemu: qemu-system-x86_64 >= $want_major not installed" >&2; exit 1; }
+fi
+
+# QEMU 7.2, Debian bookworm's own, unpacked beside the system's QEMU 10 for
+# the tests of streams written by an older producer (run with -L and
+# QEMU_MODULE_DIR pointing into the unpacked tree).
+old=/opt/savedir-test/qemu-7.2
+if [ ! -x "$old/usr/bin/qemu-system-x86_64" ]; then
+  tmp=$(mktemp -d)
+  apt-cache madison qemu-system-x86 | grep -q ' 1:7\.2' || $SUDO apt-get update -qq
+  ver=$(apt-cache madison qemu-system-x86 | awk -F'|' '$2 ~ /^ *1:7\.2/ {gsub(/ /, "", $2); print $2; exit}')
+  dver=$(apt-cache madison qemu-system-data | awk -F'|' '$2 ~ /^ *1:7\.2/ {gsub(/ /, "", $2); print $2; exit}')
+  if [ -z "$ver" ] || [ -z "$dver" ]; then
+    echo "install-qemu: Debian's QEMU 7.2 packages are not available" >&2
+    exit 1
+  fi
+  (cd "$tmp" && apt-get download -qq "qemu-system-x86=$ver" "qemu-system-common=$ver" "qemu-system-data=$dver" 2>/dev/null)
+  $SUDO mkdir -p "$old"
+  for deb in "$tmp"/*.deb; do $SUDO dpkg -x "$deb" "$old"; done
+  rm -rf "$tmp"
+  "$old/usr/bin/qemu-system-x86_64" --version >/dev/null
+fi
