@@ -400,13 +400,11 @@ pub fn cross_check(v: &View, d: &Directory, stream_start: u64) -> Result<(), Che
             Kind::Start => {
                 live.insert(e.section_id, e.name.clone().unwrap_or_else(|| Arc::from("")));
             }
-            Kind::Part | Kind::End => {
-                if !live.contains_key(&e.section_id) {
-                    return err(
-                        e.ptr,
-                        format!("a {} section names section id {}, which no earlier START opened", e.kind.as_str(), e.section_id),
-                    );
-                }
+            Kind::Part | Kind::End if !live.contains_key(&e.section_id) => {
+                return err(
+                    e.ptr,
+                    format!("a {} section names section id {}, which no earlier START opened", e.kind.as_str(), e.section_id),
+                );
             }
             _ => {}
         }

@@ -5,7 +5,7 @@ use std::sync::Arc;
 
 use crate::format::directory::{Directory, Trailer};
 use crate::format::reader::{be32_at, Reader};
-use crate::format::stream::{self, ParseOptions, FOOTER_LEN};
+use crate::format::stream::{self, Item, ParseOptions, FOOTER_LEN};
 use crate::format::vmdesc::{self, VmdescLocation};
 use crate::format::{tag, Kind};
 
@@ -14,56 +14,19 @@ use super::progress::Progress;
 use super::locate::{check_directory, find_directory, locate, DirSource, Located};
 use super::source::{open_map, Map};
 
-/// One top-level item of a stream, as `ls` shows it.
+/// One top-level item of a stream, as `ls` shows it: the item, and the
+/// checksum the directory stores for it.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Entry {
-    pub kind: Kind,
-    /// Absolute offset of the item's type byte.
-    pub offset: u64,
-    /// Absolute offset one past its last byte (footer included).
-    pub end: u64,
-    /// Bytes of the header before the payload.
-    pub header_len: u64,
-    /// Bytes of the footer after the payload (0 or 5).
-    pub footer_len: u64,
-    pub section_id: u32,
-    pub name: Option<Arc<str>>,
-    pub instance_id: u32,
-    pub version_id: u32,
-    pub command: u16,
-    pub command_len: u16,
+    pub item: Item,
     /// The checksum stored in the directory, if any.
     pub crc32c: Option<u32>,
 }
 
-impl Entry {
-    pub fn size(&self) -> u64 {
-        self.end - self.offset
-    }
-
-    pub fn payload_start(&self) -> u64 {
-        self.offset + self.header_len
-    }
-
-    pub fn payload_end(&self) -> u64 {
-        self.end - self.footer_len
-    }
-
-    fn from_item(i: &stream::Item) -> Self {
-        Entry {
-            kind: i.kind,
-            offset: i.offset,
-            end: i.end,
-            header_len: i.header_len,
-            footer_len: i.footer_len,
-            section_id: i.section_id,
-            name: i.name.clone(),
-            instance_id: i.instance_id,
-            version_id: i.version_id,
-            command: i.command,
-            command_len: i.command_len,
-            crc32c: None,
-        }
+impl std::ops::Deref for Entry {
+    type Target = Item;
+    fn deref(&self) -> &Item {
+        &self.item
     }
 }
 
@@ -131,27 +94,29 @@ fn from_directory(path: &Path, map: &Arc<Map>, src: DirSource, dir: Directory, l
         .iter()
         .zip(&extents)
         .map(|(e, &(start, end))| Entry {
-            kind: e.kind,
-            offset: start,
-            end,
-            header_len: match e.kind {
-                Kind::Configuration => 1,
-                Kind::Vmdesc => vmdesc::VMDESC_HEADER,
-                _ => e.header_len,
+            item: Item {
+                kind: e.kind,
+                offset: start,
+                end,
+                header_len: match e.kind {
+                    Kind::Configuration => 1,
+                    Kind::Vmdesc => vmdesc::VMDESC_HEADER,
+                    _ => e.header_len,
+                },
+                footer_len: 0,
+                section_id: e.section_id,
+                name: e.name.clone(),
+                instance_id: e.instance_id,
+                version_id: e.version_id,
+                command: e.command,
+                command_len: e.command_len,
             },
-            footer_len: 0,
-            section_id: e.section_id,
-            name: e.name.clone(),
-            instance_id: e.instance_id,
-            version_id: e.version_id,
-            command: e.command,
-            command_len: e.command_len,
             crc32c: e.crc32c,
         })
         .collect();
     // PART and END entries carry only an id: name them after their START.
     let mut names = std::collections::HashMap::new();
-    for s in entries.iter_mut() {
+    for s in entries.iter_mut().map(|e| &mut e.item) {
         match s.kind {
             Kind::Start | Kind::Full => {
                 names.insert(s.section_id, (s.name.clone(), s.instance_id, s.version_id));
@@ -175,7 +140,7 @@ fn from_directory(path: &Path, map: &Arc<Map>, src: DirSource, dir: Directory, l
         });
     if footers {
         for s in entries.iter_mut().filter(|s| s.kind.is_section()) {
-            s.footer_len = FOOTER_LEN;
+            s.item.footer_len = FOOTER_LEN;
         }
     }
     let vmdesc = entries
@@ -230,7 +195,7 @@ pub fn scan(path: &Path, map: Arc<Map>, located: Located, progress: bool) -> Res
         eof: s.eof,
         indexed: false,
         trailer: None,
-        entries: s.items.iter().map(Entry::from_item).collect(),
+        entries: s.items.into_iter().map(|item| Entry { item, crc32c: None }).collect(),
         vmdesc: s.vmdesc,
         footers: s.footers.unwrap_or(false),
         machine_type: s.configuration.map(|c| c.machine_type),

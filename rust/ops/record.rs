@@ -12,7 +12,7 @@ use std::path::{Path, PathBuf};
 
 use crate::format::directory;
 use crate::format::error::{FormatError, FormatErrorKind};
-use crate::format::stream::{self, Item, Progress, StreamParser};
+use crate::format::stream::{self, Item, StreamParser};
 use crate::format::Kind;
 
 use super::error::{Error, Result};
