@@ -74,6 +74,8 @@ pub struct Recorder {
     /// The first parse error; bytes are still written after it.
     error: Option<FormatError>,
     meter: Meter,
+    /// Bytes up to which writeback to disk has been started.
+    flushed: u64,
 }
 
 impl Recorder {
@@ -118,6 +120,7 @@ impl Recorder {
             crcs: Vec::new(),
             error: None,
             meter,
+            flushed: 0,
         })
     }
 
@@ -131,6 +134,7 @@ impl Recorder {
         self.file.write_all(data).map_err(|e| Error::io(&self.path, "write", e))?;
         self.received += data.len() as u64;
         self.meter.set(self.received);
+        self.write_behind();
         if self.error.is_some() || self.parser.is_done() {
             // Keep every byte; parse no further.
             if self.parser.is_done() && self.error.is_none() {
@@ -166,6 +170,31 @@ impl Recorder {
             self.run_buffer(false);
         }
         Ok(())
+    }
+
+    /// Starts writing each 32 MiB to disk as soon as it is complete, and
+    /// waits for the one before: the stream reaches the disk at the disk's
+    /// pace instead of piling up in memory until the final flush.
+    fn write_behind(&mut self) {
+        const STEP: u64 = 32 << 20;
+        use std::os::fd::AsRawFd;
+        while self.received - self.flushed >= STEP {
+            let fd = self.file.as_raw_fd();
+            // SAFETY: sync_file_range on our own open file; errors only
+            // lose the early start, the final fdatasync still flushes.
+            unsafe {
+                libc::sync_file_range(fd, self.flushed as i64, STEP as i64, libc::SYNC_FILE_RANGE_WRITE);
+                if self.flushed >= STEP {
+                    libc::sync_file_range(
+                        fd,
+                        (self.flushed - STEP) as i64,
+                        STEP as i64,
+                        libc::SYNC_FILE_RANGE_WAIT_BEFORE | libc::SYNC_FILE_RANGE_WRITE | libc::SYNC_FILE_RANGE_WAIT_AFTER,
+                    );
+                }
+            }
+            self.flushed += STEP;
+        }
     }
 
     fn parser_end(&self) -> u64 {
