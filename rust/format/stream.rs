@@ -184,11 +184,26 @@ pub fn parse(data: &[u8], opts: ParseOptions<'_>) -> Result<Stream> {
     check_header(data, opts.start)?;
     let hint = vmdesc::find_from_tail(data, opts.end_hint.min(data.len() as u64), VMDESC_WINDOW)
         .and_then(|(_, loc)| vmdesc::parse(data, loc).ok());
+    let had_hint = hint.is_some();
     let mut p = StreamParser::new(opts.start, hint);
     match p.advance(data, 0, true, opts.progress)? {
-        Progress::Done => Ok(p.finish()),
+        Progress::Done => {}
         Progress::NeedMore => unreachable!("a final window never asks for more"),
     }
+    if !p.device_choices.is_empty() {
+        match p.vmdesc_hint.clone() {
+            // The vmdesc turned up at the end (something follows the stream):
+            // parse again with the sizes it gives.
+            Some(desc) if !had_hint => {
+                let mut q = StreamParser::new(opts.start, Some(desc));
+                q.advance(data, 0, true, None)?;
+                p = q;
+            }
+            _ => {}
+        }
+        p.check_unambiguous(data, 0)?;
+    }
+    Ok(p.finish())
 }
 
 /// What [`StreamParser::advance`] reached.
@@ -291,6 +306,7 @@ impl<'a> Win<'a> {
 }
 
 /// A resumable parser of one stream.
+#[derive(Clone)]
 pub struct StreamParser {
     start: u64,
     pos: u64,
@@ -313,7 +329,15 @@ pub struct StreamParser {
     resume: Option<(u64, u64)>,
     backtracks: u32,
     first_error: Option<FormatError>,
+    /// Device sections delimited by a footer choice rather than the vmdesc,
+    /// kept past confirmation so that [`parse`] can check that no other
+    /// choice also parses: such a stream cannot be delimited for sure.
+    device_choices: Vec<(Item, Choice)>,
 }
+
+/// How many device sections without a size [`parse`] checks for a second
+/// reading.
+const MAX_AMBIGUITY_CHECKS: usize = 64;
 
 /// The parser's state before a section whose end was found by its footer.
 #[derive(Clone)]
@@ -358,6 +382,7 @@ impl StreamParser {
             resume: None,
             backtracks: 0,
             first_error: None,
+            device_choices: Vec::new(),
         }
     }
 
@@ -383,8 +408,15 @@ impl StreamParser {
                 format!("{} (and {MAX_BACKTRACKS} other ways to split the device sections failed too)", first.message),
             ));
         }
+        self.restore(c);
+        Ok(())
+    }
+
+    /// Goes back to the state before a footer choice, to try the next footer.
+    fn restore(&mut self, c: Choice) {
         self.pos = c.pos;
         self.items.truncate(c.items);
+        self.device_choices.retain(|(i, _)| i.offset < c.pos);
         self.sections = c.sections;
         self.footers = c.footers;
         self.next_device = c.next_device;
@@ -392,6 +424,35 @@ impl StreamParser {
         self.ram = c.ram;
         self.phase = Phase::Items;
         self.resume = Some((c.pos, c.resume_from));
+    }
+
+    /// After a whole parse: for each device section whose end was a footer
+    /// choice, tries the next footer. If that also parses to the end, the
+    /// stream has two readings and savedir cannot know the right one.
+    fn check_unambiguous(&self, data: &[u8], base: u64) -> Result<()> {
+        for (item, c) in self.device_choices.iter().take(MAX_AMBIGUITY_CHECKS) {
+            let mut alt = self.clone();
+            alt.device_choices.clear();
+            alt.choices.clear();
+            alt.first_error = None;
+            alt.backtracks = 0;
+            alt.vmdesc = None;
+            alt.restore(c.clone());
+            if let Ok(Progress::Done) = alt.advance_inner(data, base, true, None) {
+                let end = |p: &StreamParser| p.items.iter().find(|i| i.offset == item.offset).map_or(0, |i| i.end);
+                return Err(FormatError::unsupported(
+                    item.payload_start(),
+                    format!(
+                        "{} at offset {} can end at offset {} or at offset {}: its data holds bytes that look like its \
+                         footer followed by a valid section, and without a vmdesc savedir cannot tell which is right",
+                        describe(item),
+                        item.offset,
+                        end(self),
+                        end(&alt)
+                    ),
+                ));
+            }
+        }
         Ok(())
     }
 
@@ -428,6 +489,16 @@ impl StreamParser {
     /// absolute offset `base` (which must not be past [`pos`](Self::pos));
     /// `last` says that no bytes follow it.
     pub fn advance(
+        &mut self,
+        data: &[u8],
+        base: u64,
+        last: bool,
+        tick: Option<&mut dyn FnMut(u64)>,
+    ) -> Result<Progress> {
+        self.advance_inner(data, base, last, tick)
+    }
+
+    fn advance_inner(
         &mut self,
         data: &[u8],
         base: u64,
@@ -980,7 +1051,7 @@ impl StreamParser {
                     // The same section again, after a window that was short.
                     self.choices.pop_back();
                 }
-                self.choices.push_back(Choice {
+                let choice = Choice {
                     pos: item.offset,
                     items: self.items.len(),
                     sections: self.sections.clone(),
@@ -989,7 +1060,12 @@ impl StreamParser {
                     resynced: self.resynced,
                     ram: self.ram.clone(),
                     resume_from: at + 1,
-                });
+                };
+                if item.kind == Kind::Full && self.device_choices.len() < MAX_AMBIGUITY_CHECKS {
+                    self.device_choices.retain(|(i, _)| i.offset != item.offset);
+                    self.device_choices.push((item.clone(), choice.clone()));
+                }
+                self.choices.push_back(choice);
                 return Ok(at);
             }
             pos += i + 1;

@@ -136,7 +136,7 @@ pub fn index(path: &Path, opts: &IndexOptions) -> Result<IndexReport> {
     map.advise_sequential();
     let meter = Progress::new(opts.progress, format!("{}: indexing", path.display()), map.len());
     let mut tick = |at: u64| meter.set(at);
-    let mut popts = ParseOptions::new(stream_start, appended.map_or(data.len() as u64, |t| t.dir));
+    let mut popts = ParseOptions::new(stream_start, super::locate::end_hint(data));
     popts.progress = Some(&mut tick);
     let s = map.check(path, stream::parse(data, popts).map_err(|e| Error::format(path, e)))?;
 

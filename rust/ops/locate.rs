@@ -47,6 +47,21 @@ pub fn locate(path: &Path, data: &[u8], offset: Option<u64>) -> Result<Located> 
         })?;
         return Ok(Located { stream_start: h.stream_start, libvirt: Some(h), scanned: false });
     }
+    // An indexed file says where its stream is: its first entry lies right
+    // after the stream's 8-byte header.
+    if let Ok(Some(src)) = find_directory(path, data) {
+        let view = src.view(data);
+        if let Ok(t) = directory::check_trailer(&view) {
+            if let Ok(d) = directory::decode(&view, t, 0) {
+                if let Some(first) = d.entries.first().filter(|e| e.ptr >= 8) {
+                    let at = first.ptr - 8;
+                    if check_header(data, at).is_ok() {
+                        return Ok(Located { stream_start: at, libvirt: None, scanned: true });
+                    }
+                }
+            }
+        }
+    }
     let magic = STREAM_MAGIC.to_be_bytes();
     let mut at = SCAN_STEP;
     while at < SCAN_LIMIT.min(data.len() as u64) {
@@ -58,6 +73,13 @@ pub fn locate(path: &Path, data: &[u8], offset: Option<u64>) -> Result<Located> 
     // Nothing found: report what is at the start.
     check_header(data, 0).map_err(fail)?;
     Ok(Located::default())
+}
+
+/// Where a parse should look for the stream's end (and the vmdesc just
+/// before it): the appended directory's first byte when the file has a
+/// trailer, else the file's end.
+pub fn end_hint(data: &[u8]) -> u64 {
+    directory::check_trailer(&View::appended(data)).map_or(data.len() as u64, |t| t.dir)
 }
 
 /// The sidecar directory's path for `path`: `FILE.savedir`.
@@ -128,17 +150,25 @@ pub fn check_structure(src: &DirSource, data: &[u8], stream_start: u64) -> std::
         }
         e
     };
-    let trailer: Trailer = directory::check_trailer(&view).map_err(prefix)?;
-    if src.sidecar.is_some() && trailer.dir != data.len() as u64 {
-        return Err(prefix(CheckError::new(
-            directory::Check::Trailer,
-            Some(data.len() as u64),
-            format!(
-                "it no longer matches the data file: it was written for a stream of {} bytes, the file has {}",
-                trailer.dir,
-                data.len()
-            ),
-        )));
+    // A sidecar names, in its last 8 bytes, the size of the file it was
+    // written for: check that first.
+    if let Some((_, m)) = &src.sidecar {
+        let sc = m.bytes();
+        let written_for = sc.len().checked_sub(8).and_then(|at| crate::format::reader::be64_at(sc, at as u64));
+        if written_for != Some(data.len() as u64) {
+            return Err(prefix(CheckError::new(
+                directory::Check::Trailer,
+                Some(data.len() as u64),
+                match written_for {
+                    Some(d) => format!(
+                        "it no longer matches the data file: it was written for a stream of {d} bytes, the file has {}",
+                        data.len()
+                    ),
+                    None => format!("it is {} bytes long, too short for a directory", sc.len()),
+                },
+            )));
+        }
     }
+    let trailer: Trailer = directory::check_trailer(&view).map_err(prefix)?;
     directory::decode(&view, trailer, stream_start).map_err(prefix)
 }

@@ -183,7 +183,7 @@ pub fn scan(path: &Path, map: Arc<Map>, located: Located, progress: bool) -> Res
     let stream_start = located.stream_start;
     let meter = Progress::new(progress, format!("{}: reading", path.display()), map.len());
     let mut tick = |at: u64| meter.set(at);
-    let mut popts = ParseOptions::new(stream_start, data.len() as u64);
+    let mut popts = ParseOptions::new(stream_start, super::locate::end_hint(data));
     popts.progress = Some(&mut tick);
     let s = stream::parse(data, popts).map_err(|e| Error::format(path, e))?;
     meter.finish();

@@ -100,13 +100,23 @@ pub fn map_file(path: &Path, file: &File) -> Result<Arc<Map>> {
     Ok(Arc::new(Map { guard, map: Some(map), file: own }))
 }
 
-/// Opens and maps a regular file read-only. The file is returned with a
-/// shared lock held (until it is dropped), so savedir's own writers, which
-/// take an exclusive lock, wait until the reader is done.
-pub fn open_map(path: &Path) -> Result<(File, Arc<Map>)> {
+/// A shared lock on a file, released when dropped (the mapping keeps a
+/// descriptor of the same open file, which must not keep the lock).
+pub struct SharedLock(File);
+
+impl Drop for SharedLock {
+    fn drop(&mut self) {
+        let _ = self.0.unlock();
+    }
+}
+
+/// Opens and maps a regular file read-only, with a shared lock held until
+/// the returned guard is dropped: savedir's own writers, which take an
+/// exclusive lock, wait until the reader is done.
+pub fn open_map(path: &Path) -> Result<(SharedLock, Arc<Map>)> {
     check_regular(path)?;
     let file = File::open(path).map_err(|e| Error::io(path, "open", e))?;
     file.lock_shared().map_err(|e| Error::io(path, "lock", e))?;
     let map = map_file(path, &file)?;
-    Ok((file, map))
+    Ok((SharedLock(file), map))
 }
