@@ -11,15 +11,7 @@ import struct
 from typing import Any
 
 import savedir
-
-
-def vmsd_size(d: dict[str, Any]) -> int:
-    total = 0
-    for f in d.get("fields", []):
-        total += f["size"] * f.get("array_len", 1)
-    for s in d.get("subsections", []):
-        total += 1 + 1 + len(s["vmsd_name"]) + 4 + vmsd_size(s)
-    return total
+from stream_kinds import vmsd_size
 
 
 def test_full_sections_match_vmdesc_sizes(qemu_streams) -> None:
