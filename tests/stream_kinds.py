@@ -630,6 +630,17 @@ def make_no_footers(tmp: Path, suppress_vmdesc: bool = False) -> Made:
                  vmdesc=not suppress_vmdesc)
 
 
+def make_no_configuration(tmp: Path) -> Made:
+    """No configuration section (what Xen machines write): QEMU 10 aborts
+    when send-configuration is off and a vmdesc is sent, so no vmdesc."""
+    t0 = time.monotonic()
+    devices = tuple(h.full_devices(tmp)) + ("-global", "migration.send-configuration=off")
+    setup = Setup(machine="pc,suppress-vmdesc=on", args=devices)
+    p = tmp / "no-configuration.sav"
+    info = save(setup, file_uri(p))
+    return _made("no-configuration", p, setup, t0, info=info, vmdesc=False)
+
+
 # -- 5. live saves
 
 def make_live(tmp: Path, variant: str) -> Made:

@@ -552,6 +552,16 @@ def test_no_footers_no_vmdesc_is_refused(tmp_path: Path) -> None:
     print(f"\nrefused with {type(exc).__name__}: {exc}")
 
 
+def test_no_configuration(tmp_path: Path) -> None:
+    m = sk.make_no_configuration(tmp_path)
+    assert m.path.read_bytes()[8] != 0x07, "expected no configuration section"
+    facts = check_stream(m, tmp_path)
+    with savedir.open(m.path) as f:
+        assert f.machine_type is None
+        assert f.entries[0].kind == "start" and f.entries[0].name == "ram"
+    assert facts["size"] > 0
+
+
 # ---------------------------------------------------------------------------
 # 5. live saves
 
