@@ -315,3 +315,26 @@ def test_file_truncated_while_a_command_reads_it(tmp_path: Path, command: list[s
         if command[0] == "verify":
             savedir.index(src)
         os.replace(src, p)
+
+
+def test_many_false_footers_end_in_bounded_time(tmp_path: Path) -> None:
+    # A device section without vmdesc whose data holds thousands of copies
+    # of its own footer, each followed by a plausible section header whose
+    # own footer never comes: every choice fails, going back is capped.
+    fake = b"\x7e" + struct.pack(">I", 6) + b"\x04" + struct.pack(">I", 9) + b"\x01x" + struct.pack(">II", 0, 1)
+    payload = fake * 20000 + b"\x00" * 100
+    data = (
+        b"QEVM\x00\x00\x00\x03"
+        + b"\x04" + struct.pack(">I", 6) + b"\x03cpu" + struct.pack(">II", 0, 1)
+        + payload + b"\x7e" + struct.pack(">I", 6)
+        + b"\x00"
+    )
+    p = tmp_path / "hostile.sav"
+    p.write_bytes(data)
+    t0 = time.monotonic()
+    try:
+        savedir.index(p)
+    except savedir.SavedirError:
+        pass
+    assert time.monotonic() - t0 < 20
+    assert p.read_bytes()[: len(data)] == data

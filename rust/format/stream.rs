@@ -30,7 +30,7 @@ pub const VMDESC_WINDOW: u64 = 64 << 20;
 /// before its end is found (its bytes must be kept until then).
 pub const MAX_PENDING_SECTION: u64 = 256 << 20;
 /// How many times a parse may go back to try another footer before it gives up.
-pub const MAX_BACKTRACKS: u32 = 10_000;
+pub const MAX_BACKTRACKS: u32 = 1_000;
 /// How many footer choices are kept open for going back to.
 const MAX_CHOICES: usize = 4096;
 /// `MIG_CMD_PACKAGED`
