@@ -8,8 +8,10 @@ cd "$(dirname "$0")/.."
 
 if [ "$(id -u)" -eq 0 ]; then
   bash .ci/install-qemu.sh
+  bash .ci/start-libvirt.sh
 else
   sudo bash .ci/install-qemu.sh
+  sudo bash .ci/start-libvirt.sh
 fi
 
 echo "== Rust unit tests"
