@@ -414,6 +414,28 @@ mod tests {
     }
 
     #[test]
+    fn postcopy_hugepage_blocks_carry_their_page_size() {
+        // Under postcopy-ram a hugepage block sends its page size after its
+        // length; a block of ordinary pages (and the list's end) does not.
+        let opts = RamOptions { postcopy: true, ..RamOptions::default() };
+        let mut d = word(0x401000, FLAG_MEM_SIZE).to_vec();
+        d.push(4);
+        d.extend_from_slice(b"huge");
+        d.extend_from_slice(&0x400000u64.to_be_bytes());
+        d.extend_from_slice(&0x200000u64.to_be_bytes()); // 2 MiB pages
+        d.push(3);
+        d.extend_from_slice(b"rom");
+        d.extend_from_slice(&0x1000u64.to_be_bytes());
+        d.extend_from_slice(&word(0, FLAG_EOS));
+        let mut st = RamState::new(opts);
+        let mut r = Reader::new(&d);
+        st.parse_payload(&mut r).unwrap();
+        assert!(r.is_empty());
+        assert_eq!(st.blocks[0].page_size, Some(0x200000));
+        assert_eq!(st.blocks[1].page_size, None);
+    }
+
+    #[test]
     fn mapped_ram_seeks_past_page_region() {
         let opts = RamOptions { mapped_ram: true, ..RamOptions::default() };
         let mut d = word(0x2000, FLAG_MEM_SIZE).to_vec();
