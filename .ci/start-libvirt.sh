@@ -14,9 +14,10 @@ $SUDO rm -f /etc/libvirt/qemu/networks/autostart/*.xml
 $SUDO mkdir -p /run/libvirt /var/log/libvirt
 pgrep -x virtlogd >/dev/null || $SUDO virtlogd -d
 pgrep -x libvirtd >/dev/null || $SUDO libvirtd -d
-for _ in $(seq 50); do
+# The first start probes QEMU's capabilities, which takes a while under TCG.
+for _ in $(seq 240); do
   virsh -c qemu:///system version >/dev/null 2>&1 && exit 0
-  sleep 0.2
+  sleep 0.5
 done
-echo "start-libvirt: libvirtd did not come up" >&2
+echo "start-libvirt: libvirtd did not come up in 2 minutes; see /var/log/libvirt/libvirtd.log" >&2
 exit 1
