@@ -12,11 +12,21 @@ if ! command -v virsh >/dev/null 2>&1 || ! command -v libvirtd >/dev/null 2>&1 |
 fi
 $SUDO rm -f /etc/libvirt/qemu/networks/autostart/*.xml
 $SUDO mkdir -p /run/libvirt /var/log/libvirt
-pgrep -x virtlogd >/dev/null || $SUDO virtlogd -d
-pgrep -x libvirtd >/dev/null || $SUDO libvirtd -d
+up() { virsh -c qemu:///system version >/dev/null 2>&1; }
+if ! up; then
+  # A daemon that does not answer (or is still shutting down) is replaced.
+  for d in libvirtd virtlogd; do
+    if pgrep -x "$d" >/dev/null; then
+      $SUDO pkill -x "$d" || true
+      for _ in $(seq 50); do pgrep -x "$d" >/dev/null || break; sleep 0.2; done
+    fi
+  done
+  $SUDO virtlogd -d
+  $SUDO libvirtd -d
+fi
 # The first start probes QEMU's capabilities, which takes a while under TCG.
 for _ in $(seq 240); do
-  virsh -c qemu:///system version >/dev/null 2>&1 && exit 0
+  up && exit 0
   sleep 0.5
 done
 echo "start-libvirt: libvirtd did not come up in 2 minutes; see /var/log/libvirt/libvirtd.log" >&2
