@@ -8,7 +8,7 @@ fuzz_target!(|data: &[u8]| {
     if let Ok(t) = check_trailer(&v) {
         if let Ok(d) = decode(&v, t, 0) {
             let _ = cross_check(&v, &d, 0);
-            let _ = d.extents(&v);
+            let _ = d.extents();
         }
     }
 });

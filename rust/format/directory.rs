@@ -15,7 +15,7 @@
 
 use std::sync::Arc;
 
-use super::reader::{be32_at, be64_at, byte_at, slice, Reader};
+use super::reader::{be64_at, byte_at, slice, Reader};
 use super::stream::{Item, HEADER_LEN};
 use super::{show_bytes, tag, Kind, STREAM_MAGIC, STREAM_VERSION};
 
@@ -433,7 +433,7 @@ pub fn cross_check(v: &View, d: &Directory, stream_start: u64) -> Result<(), Che
 impl Directory {
     /// The extent of each entry's item: to the next pointer in file order, the
     /// last section to the EOF byte, the vmdesc by its length field.
-    pub fn extents(&self, v: &View) -> Vec<(u64, u64)> {
+    pub fn extents(&self) -> Vec<(u64, u64)> {
         let n = self.entries.len();
         let mut out = Vec::with_capacity(n);
         for (i, e) in self.entries.iter().enumerate() {
@@ -445,19 +445,9 @@ impl Directory {
                     _ => self.trailer.eof,
                 }
             };
-            let _ = v;
             out.push((e.ptr, end));
         }
         out
-    }
-}
-
-/// Reads the be32 at `at` of a view (for footers).
-pub fn be32_in(v: &View, at: u64) -> Option<u32> {
-    if at >= v.tail_at {
-        be32_at(v.tail, at - v.tail_at)
-    } else {
-        be32_at(v.head, at)
     }
 }
 
@@ -490,7 +480,7 @@ mod tests {
             cross_check(&v, &dir, 0).unwrap();
             let s = parse(&d, ParseOptions::new(0, t.dir)).unwrap();
             assert_eq!(dir.entries.len(), s.items.len());
-            for ((e, i), (a, b)) in dir.entries.iter().zip(&s.items).zip(dir.extents(&v)) {
+            for ((e, i), (a, b)) in dir.entries.iter().zip(&s.items).zip(dir.extents()) {
                 assert_eq!(e.kind, i.kind);
                 assert_eq!(e.ptr, i.offset);
                 assert_eq!((a, b), (i.offset, i.end));

@@ -86,9 +86,8 @@ pub fn open(path: &Path, opts: &OpenOptions) -> Result<SaveFile> {
 
 fn from_directory(path: &Path, map: &Arc<Map>, src: DirSource, dir: Directory, located: Located) -> SaveFile {
     let data = map.bytes();
-    let view = src.view(data);
     let trailer = dir.trailer;
-    let extents = dir.extents(&view);
+    let extents = dir.extents();
     let mut entries: Vec<Entry> = dir
         .entries
         .iter()

@@ -139,7 +139,7 @@ impl Recorder {
             // Keep every byte; parse no further.
             if self.parser.is_done() && self.error.is_none() {
                 self.error = Some(FormatError::invalid(
-                    self.parser_end(),
+                    self.parser.pos(),
                     "bytes follow the stream's end (its EOF byte and vmdesc)",
                 ));
             }
@@ -195,10 +195,6 @@ impl Recorder {
             }
             self.flushed += STEP;
         }
-    }
-
-    fn parser_end(&self) -> u64 {
-        self.parser.pos()
     }
 
     /// Keeps `data[keep - base..]` (bytes the parser still needs) in the buffer.

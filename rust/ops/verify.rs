@@ -118,7 +118,7 @@ fn deep_check(view: &View, dir: &Directory, stream_start: u64, meter: &Progress)
     if s.end != t.dir {
         return fail(s.end, format!("the stream ends at {}, the directory starts at {}", s.end, t.dir));
     }
-    let extents = dir.extents(view);
+    let extents = dir.extents();
     for (i, item) in s.items.iter().enumerate() {
         let Some(e) = dir.entries.get(i) else {
             return fail(item.offset, format!("the stream has {} here, which the directory lacks", describe(item)));
