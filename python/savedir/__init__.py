@@ -21,14 +21,14 @@ from __future__ import annotations
 import io
 import json
 import os
-from dataclasses import dataclass
 from typing import Any, Iterator, Optional, Union
 
 from savedir import _core
-from savedir._core import Entry
+from savedir._core import Entry, IndexResult, RecordResult, StripResult, VerifyResult
 from savedir.errors import (
     DirectoryError,
     FileChangedError,
+    FileLockedError,
     FormatError,
     NotAStreamError,
     SavedirError,
@@ -63,84 +63,10 @@ __all__ = [
     "TrailingDataError",
     "SectionNotFoundError",
     "FileChangedError",
+    "FileLockedError",
 ]
 
 PathLike = Union[str, "os.PathLike[str]"]
-
-
-@dataclass(frozen=True)
-class IndexResult:
-    """What :func:`index` did to one file."""
-
-    path: str
-    written: bool
-    """False when the file already had a valid directory and was left as it was."""
-    entries: int
-    directory_offset: int
-    """Where the directory starts: the stream's end."""
-    directory_size: int
-    replaced: int
-    """Bytes after the stream that ``force=True`` replaced."""
-    sidecar: Optional[str] = None
-    """The sidecar directory (``FILE.savedir``) written or found, if any."""
-
-
-@dataclass(frozen=True)
-class VerifyResult:
-    """The outcome of :func:`verify` for one file.
-
-    ``check`` names the first check that failed (``"trailer"``,
-    ``"directory"``, ``"cross-check"`` or ``"deep"``), ``offset`` is where.
-    """
-
-    path: str
-    ok: bool
-    check: Optional[str]
-    offset: Optional[int]
-    message: str
-    entries: int
-    deep: bool
-
-    def __bool__(self) -> bool:
-        return self.ok
-
-    def to_dict(self) -> dict[str, Any]:
-        """The shape ``savedir verify --json`` prints."""
-        return {
-            "path": self.path,
-            "ok": self.ok,
-            "check": self.check,
-            "offset": self.offset,
-            "message": self.message,
-        }
-
-
-@dataclass(frozen=True)
-class StripResult:
-    """What :func:`strip` did to one file."""
-
-    path: str
-    removed: int
-    """Bytes removed; 0 when the file already ended with the stream."""
-    stream_end: int
-    sidecar: Optional[str] = None
-    """The sidecar directory that was deleted, if any."""
-
-
-@dataclass(frozen=True)
-class RecordResult:
-    """What a finished :class:`Recorder` wrote."""
-
-    path: str
-    stream_size: int
-    entries: int
-    directory_offset: int
-    directory_size: int
-    reread: bool
-    """True when device sections had to be re-read from the file: a footer's
-    bytes inside device data fooled the one-pass parse (rare)."""
-    sidecar: Optional[str] = None
-    """The sidecar directory written (``sidecar=True``), if any."""
 
 
 class Recorder(io.RawIOBase):
@@ -163,12 +89,12 @@ class Recorder(io.RawIOBase):
     (True, True)
     """
 
-    def __init__(self, path: PathLike, *, checksums: bool = True, sidecar: bool = False) -> None:
+    def __init__(self, path: PathLike, *, checksums: bool = True, sidecar: bool = False, wait: bool = False) -> None:
         super().__init__()
         self.path: str = os.fspath(path)
         self.result: Optional[RecordResult] = None
         """Set once :meth:`close` has appended the directory."""
-        self._rec = _core.Recorder(self.path, checksums, sidecar)
+        self._rec = _core.Recorder(self.path, checksums=checksums, sidecar=sidecar, wait=wait)
 
     def writable(self) -> bool:
         return True
@@ -188,7 +114,7 @@ class Recorder(io.RawIOBase):
         if self.closed:
             return
         try:
-            self.result = RecordResult(**self._rec.finish())
+            self.result = self._rec.finish()
         finally:
             super().close()
 
@@ -212,6 +138,7 @@ def record(
     checksums: bool = True,
     progress: bool = False,
     sidecar: bool = False,
+    wait: bool = False,
 ) -> RecordResult:
     """Records a migration stream into ``path`` and appends its directory.
 
@@ -227,8 +154,8 @@ def record(
     True
     """
     if source is None:
-        return RecordResult(**_core.record_stdin(os.fspath(path), checksums, progress, sidecar))
-    with Recorder(path, checksums=checksums, sidecar=sidecar) as rec:
+        return _core.record_stdin(os.fspath(path), checksums=checksums, progress=progress, sidecar=sidecar, wait=wait)
+    with Recorder(path, checksums=checksums, sidecar=sidecar, wait=wait) as rec:
         while True:
             chunk = source.read(1 << 20)
             if not chunk:
@@ -246,6 +173,7 @@ def index(
     progress: bool = False,
     sidecar: bool = False,
     offset: Optional[int] = None,
+    wait: bool = False,
 ) -> IndexResult:
     """Appends a section directory to the save file at ``path``.
 
@@ -260,6 +188,9 @@ def index(
     tail, such as QEMU's ``analyze-migration.py``). ``offset`` says where the
     stream starts when savedir cannot find it by itself (it finds QEMU's
     magic at 0, behind a libvirt header, or at a page boundary in the first MiB).
+    A file that a reader holds open (an open :class:`SaveFile`, in this or
+    another process) raises :class:`FileLockedError` at once and is left as
+    it is, unless ``wait`` asks to wait until the readers are gone.
 
     >>> r = index("vm.sav")
     >>> r.written, r.entries > 10
@@ -267,10 +198,14 @@ def index(
     >>> index("vm.sav").written
     False
     """
-    return IndexResult(**_core.index(os.fspath(path), force, checksums, progress, sidecar, offset))
+    return _core.index(
+        os.fspath(path), force=force, checksums=checksums, progress=progress, sidecar=sidecar, offset=offset, wait=wait
+    )
 
 
-def verify(path: PathLike, *, deep: bool = False, progress: bool = False, offset: Optional[int] = None) -> VerifyResult:
+def verify(
+    path: PathLike, *, deep: bool = False, progress: bool = False, offset: Optional[int] = None, wait: bool = False
+) -> VerifyResult:
     """Checks the directory of ``path``: trailer, directory, cross-check, and
     with ``deep`` the whole stream and every checksum.
 
@@ -283,10 +218,10 @@ def verify(path: PathLike, *, deep: bool = False, progress: bool = False, offset
     >>> verify("vm.sav", deep=True).ok
     True
     """
-    return VerifyResult(**_core.verify(os.fspath(path), deep, progress, offset))
+    return _core.verify(os.fspath(path), deep=deep, progress=progress, offset=offset, wait=wait)
 
 
-def strip(path: PathLike, *, force: bool = False, offset: Optional[int] = None) -> StripResult:
+def strip(path: PathLike, *, force: bool = False, offset: Optional[int] = None, wait: bool = False) -> StripResult:
     """Truncates ``path`` back to the stream's end, removing the directory:
     the file is then byte for byte what QEMU wrote. A sidecar directory is
     deleted.
@@ -296,25 +231,47 @@ def strip(path: PathLike, *, force: bool = False, offset: Optional[int] = None) 
     >>> strip("vm.sav").removed > 0, os.path.getsize("vm.sav") == before
     (True, True)
     """
-    return StripResult(**_core.strip(os.fspath(path), force, offset))
+    return _core.strip(os.fspath(path), force=force, offset=offset, wait=wait)
 
 
 def open(  # noqa: A001
-    path: PathLike, *, scan: bool = False, progress: bool = False, offset: Optional[int] = None
+    source: Union[PathLike, Any],
+    *,
+    scan: bool = False,
+    progress: bool = False,
+    offset: Optional[int] = None,
+    mmap: bool = True,
+    wait: bool = False,
 ) -> "SaveFile":
-    """Opens a save file for reading.
+    """Opens a save file for reading: a path, or a binary file object with
+    ``seek`` and ``read`` (``io.BytesIO``, an open file, an fsspec file).
 
-    With a valid directory (appended, or a sidecar ``path + ".savedir"``) the
-    file is opened through it, touching only its tail; without one, the
-    stream is parsed from the start. ``scan=True`` ignores any directory. A
-    damaged directory, or a sidecar that no longer matches its file, raises
+    With a valid directory (appended, or for a path a sidecar
+    ``path + ".savedir"``) the file is opened through it, touching only its
+    tail, the directory and the headers; without one, the stream is parsed
+    from the start. ``scan=True`` ignores any directory. A damaged
+    directory, or a sidecar that no longer matches its file, raises
     :class:`DirectoryError`. ``offset``: see :func:`index`.
+
+    A path is read through a memory map, and sections are zero-copy views
+    into it; ``mmap=False`` reads it by positioned reads instead (for
+    network file systems). A file object is read with ``seek`` and ``read``;
+    its sections' bytes are copies. An open file holds a shared lock until
+    it is closed: :func:`strip`, ``index(force=True)`` and :func:`record` on
+    it fail with :class:`FileLockedError` meanwhile. A file that a savedir
+    writer is at work on raises :class:`FileLockedError`, unless ``wait``.
 
     >>> with open("vm.sav") as f:
     ...     f.indexed, f.entries[0].kind, f.machine_type.startswith("pc-")
     (False, 'configuration', True)
+    >>> import io, builtins
+    >>> with open(io.BytesIO(builtins.open("vm.sav", "rb").read())) as g:
+    ...     g.mapped, len(g.entries) == len(open("vm.sav").entries)
+    (False, True)
     """
-    return SaveFile(_core.open(os.fspath(path), scan, progress, offset))
+    if not (hasattr(source, "read") and hasattr(source, "seek")):
+        source = os.fspath(source)
+    return SaveFile(source, scan=scan, progress=progress, offset=offset, mmap=mmap, wait=wait)
 
 
 class Section:
@@ -395,106 +352,25 @@ class Section:
         return f"<Section {self.name!r} instance {self.instance_id} version {self.version_id} ({kind}, {self.size} bytes)>"
 
 
-class SaveFile:
+class SaveFile(_core.SaveFile):
     """An open save file. Use :func:`open` to get one.
 
     Sections are looked up by name and optional instance id:
-    ``f["cpu"]``, ``f["cpu", 1]`` or ``f.section("cpu", 1)``.
+    ``f["cpu"]``, ``f["cpu", 1]`` or ``f.section("cpu", 1)``. The file's
+    facts (``path``, ``indexed``, ``machine_type``, ``entries``,
+    ``vmdesc_json``, ``changed`` ...) come straight from the native class.
+
+    After a truncation of the file by another program, views handed out
+    before read zeros past the new end; ``changed`` then says what happened,
+    and the next read through the file raises :class:`FileChangedError`.
     """
 
-    def __init__(self, core: _core.SaveFile) -> None:
-        self._core: Optional[_core.SaveFile] = core
-        self._entries: Optional[list[Entry]] = None
-        self._vmdesc: Optional[dict[str, Any]] = None
-
-    @property
-    def _f(self) -> _core.SaveFile:
-        if self._core is None:
-            raise ValueError("I/O operation on a closed save file")
-        return self._core
-
-    def close(self) -> None:
-        """Drops this object's hold on the mapping. Views already handed out
-        stay valid; the file is unmapped when the last one is gone."""
-        self._core = None
-        self._entries = None
-
-    def __enter__(self) -> "SaveFile":
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
-
-    @property
-    def path(self) -> str:
-        return str(self._f.path)
-
-    @property
-    def indexed(self) -> bool:
-        """True when the file was opened through a valid directory."""
-        return self._f.indexed
-
-    @property
-    def stream_start(self) -> int:
-        return self._f.stream_start
-
-    @property
-    def stream_end(self) -> int:
-        """One past the stream's last byte (the vmdesc included)."""
-        return self._f.stream_end
-
-    @property
-    def eof(self) -> int:
-        """Offset of the stream's EOF byte."""
-        return self._f.eof
-
-    @property
-    def file_size(self) -> int:
-        return self._f.file_size
-
-    @property
-    def footers(self) -> bool:
-        """True when the stream's sections end in footers."""
-        return self._f.footers
-
-    @property
-    def machine_type(self) -> Optional[str]:
-        """The machine type from the configuration section, e.g. ``pc-q35-10.0``."""
-        return self._f.machine_type
-
-    @property
-    def directory_offset(self) -> Optional[int]:
-        return self._f.directory_offset
-
-    @property
-    def sidecar(self) -> Optional[str]:
-        """The sidecar directory the file was opened through, or None."""
-        p = self._f.sidecar
-        return None if p is None else str(p)
-
-    @property
-    def container(self) -> Optional[dict[str, Any]]:
-        """What wraps the stream: None for a bare stream, or for a libvirt
-        save image ``{"kind": "libvirt", "domain_name", "domain_uuid",
-        "format", "was_running", "version"}``."""
-        return self._f.container()
-
-    @property
-    def stream_found_by_scan(self) -> bool:
-        """True when the stream was found by looking for its magic."""
-        return self._f.stream_found_by_scan
-
-    @property
-    def entries(self) -> list[Entry]:
-        """Every top-level item of the stream, in file order."""
-        if self._entries is None:
-            self._entries = self._f.entries()
-        return list(self._entries)
+    _vmdesc: Optional[dict[str, Any]] = None
 
     def section(self, name: str, instance: Optional[int] = None) -> Section:
         """The section ``name`` (instance ``instance``, or the lowest one).
         Raises :class:`SectionNotFoundError` (a :class:`KeyError`)."""
-        return Section(self._f.find(name, instance))
+        return Section(self.find(name, instance))
 
     def sections(self) -> list[Section]:
         """Every section, in the order the stream opens them."""
@@ -527,11 +403,6 @@ class SaveFile:
         return iter(self.sections())
 
     @property
-    def vmdesc_json(self) -> Optional[memoryview]:
-        """The vmdesc JSON bytes as QEMU wrote them, zero-copy, or None."""
-        return self._f.vmdesc_json()
-
-    @property
     def vmdesc(self) -> Optional[dict[str, Any]]:
         """The vmdesc, QEMU's JSON description of the device sections, or
         None when the stream has none.
@@ -550,20 +421,13 @@ class SaveFile:
                     raise ValueError("expected a JSON object")
                 self._vmdesc = desc
             except (ValueError, UnicodeDecodeError) as e:
-                offset = self._f.vmdesc_offset()
+                offset = self.vmdesc_offset
                 err = FormatError(f"{self.path}: at offset {offset}: the vmdesc is not valid JSON ({e})")
                 err.path, err.offset = self.path, offset
                 raise err from None
         return self._vmdesc
 
-    def view(self, start: int, end: int) -> memoryview:
-        """Bytes ``start..end`` of the file, zero-copy and read-only."""
-        return self._f.view(start, end)
-
-    def verify(self, deep: bool = False, progress: bool = False) -> VerifyResult:
-        """Verifies the directory of this open file (see :func:`verify`)."""
-        return VerifyResult(**self._f.verify(deep, progress))
-
     def __repr__(self) -> str:
-        state = "indexed" if self._core is not None and self.indexed else "not indexed"
-        return f"<savedir.SaveFile {self.path if self._core else '(closed)'} ({state})>"
+        if self.closed:
+            return "<savedir.SaveFile (closed)>"
+        return f"<savedir.SaveFile {self.path} ({'indexed' if self.indexed else 'not indexed'})>"

@@ -8,7 +8,7 @@ import sys
 from typing import Any, Callable, Optional, Sequence
 
 import savedir
-from savedir.errors import SavedirError
+from savedir.errors import FileLockedError, SavedirError
 
 EXIT_OK = 0
 EXIT_INVALID = 1
@@ -19,7 +19,8 @@ exit status:
   0  success (verify: every file is valid)
   1  a file is invalid: it fails a check, has no directory (verify), or is not
      a stream savedir can handle
-  2  usage error, or an I/O error (missing file, no permission)
+  2  usage error, an I/O error (missing file, no permission), or the file is
+     busy (held by a reader, or being written by savedir; --wait waits)
 """
 
 
@@ -32,6 +33,8 @@ def _err(msg: str) -> None:
 
 
 def _status(exc: BaseException) -> int:
+    if isinstance(exc, FileLockedError):
+        return EXIT_ERROR
     return EXIT_INVALID if isinstance(exc, SavedirError) else EXIT_ERROR
 
 
@@ -51,10 +54,16 @@ def _each(paths: Sequence[str], fn: Callable[[str], int]) -> int:
 def cmd_index(a: argparse.Namespace) -> int:
     def one(p: str) -> int:
         r = savedir.index(
-            p, force=a.force, checksums=not a.no_checksums, progress=_progress(), sidecar=a.sidecar, offset=a.offset
+            p,
+            force=a.force,
+            checksums=not a.no_checksums,
+            progress=_progress(),
+            sidecar=a.sidecar,
+            offset=a.offset,
+            wait=a.wait,
         )
         if a.json:
-            print(json.dumps(r.__dict__))
+            print(json.dumps(r.to_dict()))
         elif not a.quiet:
             if r.written and r.sidecar:
                 print(f"{p}: indexed, {r.entries} entries, directory of {r.directory_size} bytes in {r.sidecar}")
@@ -73,7 +82,7 @@ def cmd_verify(a: argparse.Namespace) -> int:
 
     def one(p: str) -> int:
         try:
-            r = savedir.verify(p, deep=a.deep, progress=_progress(), offset=a.offset)
+            r = savedir.verify(p, deep=a.deep, progress=_progress(), offset=a.offset, wait=a.wait)
         except (SavedirError, OSError) as e:
             if not a.json:
                 raise
@@ -94,19 +103,8 @@ def cmd_verify(a: argparse.Namespace) -> int:
     return status
 
 
-def _entry_dict(e: savedir.Entry) -> dict[str, Any]:
-    d: dict[str, Any] = {"kind": e.kind, "offset": e.offset, "size": e.size}
-    if e.section_id is not None:
-        d.update(section_id=e.section_id, name=e.name, instance_id=e.instance_id, version_id=e.version_id)
-    if e.command is not None:
-        d.update(command=e.command, command_name=e.command_name)
-    if e.crc32c is not None:
-        d["crc32c"] = e.crc32c
-    return d
-
-
 def cmd_ls(a: argparse.Namespace) -> int:
-    with savedir.open(a.file, scan=a.scan, progress=_progress(), offset=a.offset) as f:
+    with savedir.open(a.file, scan=a.scan, progress=_progress(), offset=a.offset, wait=a.wait) as f:
         entries = f.entries
         if a.json:
             out = {
@@ -118,7 +116,7 @@ def cmd_ls(a: argparse.Namespace) -> int:
                 "machine_type": f.machine_type,
                 "sidecar": f.sidecar,
                 "container": f.container,
-                "entries": [_entry_dict(e) for e in entries],
+                "entries": [e.to_dict() for e in entries],
             }
             print(json.dumps(out, indent=2))
             return EXIT_OK
@@ -151,7 +149,7 @@ def cmd_ls(a: argparse.Namespace) -> int:
 
 
 def cmd_cat(a: argparse.Namespace) -> int:
-    with savedir.open(a.file, progress=_progress(), offset=a.offset) as f:
+    with savedir.open(a.file, progress=_progress(), offset=a.offset, wait=a.wait) as f:
         sec = f.section(a.name, a.instance)
         out = sys.stdout.buffer
         for e in sec.entries:
@@ -161,7 +159,7 @@ def cmd_cat(a: argparse.Namespace) -> int:
 
 
 def cmd_desc(a: argparse.Namespace) -> int:
-    with savedir.open(a.file, progress=_progress(), offset=a.offset) as f:
+    with savedir.open(a.file, progress=_progress(), offset=a.offset, wait=a.wait) as f:
         raw = f.vmdesc_json
         if raw is None:
             _err(f"{a.file}: the stream has no vmdesc")
@@ -176,7 +174,7 @@ def cmd_desc(a: argparse.Namespace) -> int:
 
 
 def cmd_record(a: argparse.Namespace) -> int:
-    r = savedir.record(a.file, checksums=not a.no_checksums, progress=_progress(), sidecar=a.sidecar)
+    r = savedir.record(a.file, checksums=not a.no_checksums, progress=_progress(), sidecar=a.sidecar, wait=a.wait)
     if not a.quiet:
         print(f"{a.file}: recorded {r.stream_size} bytes, {r.entries} entries, directory of {r.directory_size} bytes")
     return EXIT_OK
@@ -184,7 +182,7 @@ def cmd_record(a: argparse.Namespace) -> int:
 
 def cmd_strip(a: argparse.Namespace) -> int:
     def one(p: str) -> int:
-        r = savedir.strip(p, force=a.force, offset=a.offset)
+        r = savedir.strip(p, force=a.force, offset=a.offset, wait=a.wait)
         if not a.quiet:
             if r.sidecar:
                 print(f"{p}: removed the sidecar {r.sidecar}")
@@ -209,6 +207,11 @@ def build_parser() -> argparse.ArgumentParser:
     def add(name: str, fn: Callable[[argparse.Namespace], int], help: str, offset: bool = True) -> argparse.ArgumentParser:
         sp = sub.add_parser(name, help=help, description=help, epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
         sp.set_defaults(fn=fn)
+        sp.add_argument(
+            "--wait",
+            action="store_true",
+            help="wait while the file is busy (held open by a reader, or being written by savedir) instead of failing",
+        )
         if offset:
             sp.add_argument(
                 "--offset",

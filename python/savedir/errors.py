@@ -24,6 +24,7 @@ __all__ = [
     "TrailingDataError",
     "SectionNotFoundError",
     "FileChangedError",
+    "FileLockedError",
 ]
 
 
@@ -70,3 +71,10 @@ class SectionNotFoundError(SavedirError, KeyError):
 
 class FileChangedError(SavedirError):
     """The file changed under savedir while it was being read."""
+
+
+class FileLockedError(SavedirError, BlockingIOError):
+    """The file is busy: a writer (``index``, ``strip``, ``record``) found it
+    held open by a reader, or a reader found a savedir writer at work on it.
+    Pass ``wait=True`` (``--wait``) to wait instead. An :class:`OSError`, so
+    the command line exits with status 2; the file is unchanged."""

@@ -13,11 +13,16 @@
 //! Checks 1 (trailer), 2 (directory) and 3 (cross-check) live here; they read
 //! the tail, the directory and one header per entry, never the RAM.
 
+use std::borrow::Cow;
+use std::collections::HashMap;
 use std::sync::Arc;
 
-use super::reader::{be64_at, byte_at, slice, Reader};
-use super::stream::{Item, HEADER_LEN};
-use super::{show_bytes, tag, Kind, STREAM_MAGIC, STREAM_VERSION};
+use super::error::FormatError;
+use super::reader::Reader;
+use super::source::{Bytes, ReadAt, SourceError};
+use super::stream::{Item, FOOTER_LEN, HEADER_LEN};
+use super::vmdesc::VMDESC_HEADER;
+use super::{show_bytes, tag, Header, Kind, STREAM_MAGIC, STREAM_VERSION};
 
 /// Bytes of the fixed tail: the EOF entry and the DIRECTORY entry.
 pub const TRAILER_LEN: u64 = 18;
@@ -82,22 +87,19 @@ pub struct Trailer {
     pub len: u64,
 }
 
-/// One directory entry.
+/// One directory entry: the item it points to (its header, and its extent
+/// as the pointers give it), and the checksum the directory stores for it.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Entry {
-    pub kind: Kind,
-    /// Absolute offset of the item's type byte.
-    pub ptr: u64,
-    pub section_id: u32,
-    pub name: Option<Arc<str>>,
-    pub instance_id: u32,
-    pub version_id: u32,
-    pub command: u16,
-    pub command_len: u16,
+    pub item: Item,
     pub crc32c: Option<u32>,
-    /// Where this entry's copy of the item header lies (absolute offsets).
-    pub header_at: u64,
-    pub header_len: u64,
+}
+
+impl std::ops::Deref for Entry {
+    type Target = Item;
+    fn deref(&self) -> &Item {
+        &self.item
+    }
 }
 
 /// A decoded directory.
@@ -105,37 +107,8 @@ pub struct Entry {
 pub struct Directory {
     pub trailer: Trailer,
     pub entries: Vec<Entry>,
-}
-
-/// Bytes of the item header that a directory entry copies.
-pub fn entry_header_len(item: &Item) -> u64 {
-    match item.kind {
-        Kind::Configuration | Kind::Vmdesc => 1,
-        _ => item.header_len,
-    }
-}
-
-/// The item header that a directory entry copies, rebuilt from the item's
-/// fields (section names are ASCII, so this is the stream's own bytes).
-pub fn entry_header(item: &Item) -> Vec<u8> {
-    let mut h = vec![item.kind.tag()];
-    match item.kind {
-        Kind::Configuration | Kind::Vmdesc => {}
-        Kind::Start | Kind::Full => {
-            let name = item.name.as_deref().unwrap_or("").as_bytes();
-            h.extend_from_slice(&item.section_id.to_be_bytes());
-            h.push(name.len() as u8);
-            h.extend_from_slice(name);
-            h.extend_from_slice(&item.instance_id.to_be_bytes());
-            h.extend_from_slice(&item.version_id.to_be_bytes());
-        }
-        Kind::Part | Kind::End => h.extend_from_slice(&item.section_id.to_be_bytes()),
-        Kind::Command => {
-            h.extend_from_slice(&item.command.to_be_bytes());
-            h.extend_from_slice(&item.command_len.to_be_bytes());
-        }
-    }
-    h
+    /// Where each entry's copy of its item header lies (absolute offsets).
+    pub copies: Vec<u64>,
 }
 
 /// Builds the directory for `items` (a parse of a stream) that will start
@@ -144,7 +117,7 @@ pub fn encode(items: &[Item], eof: u64, dir: u64, crcs: Option<&[u32]>) -> Vec<u
     let mut out = Vec::with_capacity(items.len() * 32 + 32);
     out.push(tag::DIRECTORY);
     for (i, item) in items.iter().enumerate() {
-        out.extend_from_slice(&entry_header(item));
+        out.extend_from_slice(&item.header.encode());
         out.extend_from_slice(&item.offset.to_be_bytes());
         if let Some(c) = crcs {
             out.push(tag::CHECKSUM);
@@ -159,53 +132,95 @@ pub fn encode(items: &[Item], eof: u64, dir: u64, crcs: Option<&[u32]>) -> Vec<u
     out
 }
 
-/// A file seen as a stream and a directory: `head` holds offsets `0..head.len()`
-/// and `tail` holds `tail_at..tail_at + tail.len()`. For an appended
-/// directory both are the same mapping; for a sidecar, `tail` is its bytes.
-#[derive(Clone, Copy, Debug)]
+/// How many bytes at a file's tail a reader takes in its first request: the
+/// trailer and, for most saves, the whole directory.
+pub const TAIL_READ: u64 = 64 << 10;
+
+/// A file seen as a stream and a directory: the data file's bytes, and for
+/// a sidecar its bytes, which stand for offsets `tail_at..` (the data
+/// file's size on). For an appended directory there is no tail.
 pub struct View<'a> {
-    pub head: &'a [u8],
-    pub tail: &'a [u8],
+    pub head: Bytes<'a>,
+    pub tail: Option<Bytes<'a>>,
     pub tail_at: u64,
 }
 
 impl<'a> View<'a> {
     /// A file with its directory appended.
-    pub fn appended(data: &'a [u8]) -> Self {
-        View { head: data, tail: data, tail_at: 0 }
+    pub fn appended(data: &'a dyn ReadAt) -> Self {
+        View { head: Bytes::new(data), tail: None, tail_at: data.size() }
+    }
+
+    /// A data file and its sidecar directory.
+    pub fn with_sidecar(data: &'a dyn ReadAt, sidecar: &'a dyn ReadAt) -> Self {
+        View { head: Bytes::new(data), tail: Some(Bytes::new(sidecar)), tail_at: data.size() }
     }
 
     pub fn len(&self) -> u64 {
-        self.tail_at + self.tail.len() as u64
+        match &self.tail {
+            Some(t) => self.tail_at + t.len(),
+            None => self.head.len(),
+        }
     }
 
     pub fn is_empty(&self) -> bool {
         self.len() == 0
     }
 
-    fn byte(&self, at: u64) -> Option<u8> {
-        if at >= self.tail_at {
-            byte_at(self.tail, at - self.tail_at)
-        } else {
-            byte_at(self.head, at)
+    fn part(&self, at: u64) -> (&Bytes<'a>, u64) {
+        match &self.tail {
+            Some(t) if at >= self.tail_at => (t, at - self.tail_at),
+            _ => (&self.head, at),
         }
     }
 
-    fn be64(&self, at: u64) -> Option<u64> {
-        if at >= self.tail_at {
-            be64_at(self.tail, at - self.tail_at)
-        } else {
-            be64_at(self.head, at)
+    /// Bytes `at..at + n`, which must lie wholly in the data file or wholly
+    /// in the sidecar; `None` when they do not (or cannot be read).
+    pub fn get(&self, at: u64, n: u64) -> Option<Cow<'a, [u8]>> {
+        let (b, rel) = self.part(at);
+        if self.tail.is_some() && at < self.tail_at && at.checked_add(n)? > self.tail_at {
+            return None;
+        }
+        b.get(rel, n)
+    }
+
+    pub fn byte(&self, at: u64) -> Option<u8> {
+        self.get(at, 1).map(|b| b[0])
+    }
+
+    pub fn be32(&self, at: u64) -> Option<u32> {
+        self.get(at, 4).map(|b| u32::from_be_bytes([b[0], b[1], b[2], b[3]]))
+    }
+
+    pub fn be64(&self, at: u64) -> Option<u64> {
+        let (b, rel) = self.part(at);
+        b.be64(rel)
+    }
+
+    /// Reads ahead the ranges given, in few requests (see [`Bytes::prefetch`]).
+    pub fn prefetch(&self, ranges: &[(u64, u64)]) {
+        let mut head: Vec<(u64, u64)> = Vec::new();
+        let mut tail: Vec<(u64, u64)> = Vec::new();
+        for &(s, e) in ranges {
+            match &self.tail {
+                Some(_) if s >= self.tail_at => tail.push((s - self.tail_at, e - self.tail_at)),
+                Some(_) if e > self.tail_at => {
+                    head.push((s, self.tail_at));
+                    tail.push((0, e - self.tail_at));
+                }
+                _ => head.push((s, e)),
+            }
+        }
+        self.head.prefetch(&mut head);
+        if let Some(t) = &self.tail {
+            t.prefetch(&mut tail);
         }
     }
 
-    /// Bytes `start..end`, which must lie wholly in the head or in the tail.
-    pub fn slice(&self, start: u64, end: u64) -> Option<&'a [u8]> {
-        if start >= self.tail_at {
-            slice(self.tail, start - self.tail_at, end - self.tail_at)
-        } else {
-            slice(self.head, start, end)
-        }
+    /// The first read that failed, if any: checks that failed after it
+    /// failed for want of bytes, not because the file is wrong.
+    pub fn take_error(&self) -> Option<SourceError> {
+        self.head.take_error().or_else(|| self.tail.as_ref().and_then(|t| t.take_error()))
     }
 }
 
@@ -216,6 +231,7 @@ pub fn check_trailer(v: &View) -> Result<Trailer, CheckError> {
     if len < TRAILER_LEN + 1 {
         return fail(None, format!("expected at least {} bytes, found {len}", TRAILER_LEN + 1));
     }
+    v.prefetch(&[(len.saturating_sub(TAIL_READ), len)]);
     let eof_entry = len - TRAILER_LEN;
     let dir_entry = len - 9;
     match v.byte(eof_entry) {
@@ -231,16 +247,30 @@ pub fn check_trailer(v: &View) -> Result<Trailer, CheckError> {
     if dir >= eof_entry {
         return fail(Some(dir_entry + 1), format!("expected a directory pointer below {eof_entry}, found {dir}"));
     }
+    if eof < dir {
+        // One more request brings the vmdesc, the directory and the EOF byte.
+        v.prefetch(&[(eof, len.saturating_sub(TAIL_READ))]);
+    }
     match v.byte(dir) {
         Some(tag::DIRECTORY) => {}
-        b => return fail(Some(dir), format!("expected the directory marker (0x7d) where the pointer leads, found {}", show_opt(b))),
+        b => {
+            return fail(
+                Some(dir),
+                format!("expected the directory marker (0x7d) where the pointer leads, found {}", show_opt(b)),
+            )
+        }
     }
     if eof >= dir {
         return fail(Some(eof_entry + 1), format!("expected an EOF pointer below the directory ({dir}), found {eof}"));
     }
     match v.byte(eof) {
         Some(tag::EOF) => {}
-        b => return fail(Some(eof), format!("expected the stream's EOF byte (0x00) where the EOF pointer leads, found {}", show_opt(b))),
+        b => {
+            return fail(
+                Some(eof),
+                format!("expected the stream's EOF byte (0x00) where the EOF pointer leads, found {}", show_opt(b)),
+            )
+        }
     }
     Ok(Trailer { dir, eof, len })
 }
@@ -252,18 +282,24 @@ fn show_opt(b: Option<u8>) -> String {
 /// Check 2: decodes the directory that the trailer points to.
 pub fn decode(v: &View, trailer: Trailer, stream_start: u64) -> Result<Directory, CheckError> {
     let end = trailer.len - TRAILER_LEN;
-    let body = v
-        .slice(trailer.dir, end)
-        .ok_or_else(|| CheckError::new(Check::Directory, Some(trailer.dir), "the directory does not lie in one piece"))?;
-    let mut r = Reader::with_base(body, trailer.dir);
+    let body = v.get(trailer.dir, end - trailer.dir).ok_or_else(|| {
+        CheckError::new(Check::Directory, Some(trailer.dir), "the directory does not lie in one piece")
+    })?;
+    let mut r = Reader::with_base(&body, trailer.dir);
     let err = |at: u64, m: String| CheckError::new(Check::Directory, Some(at), m);
     r.u8("the directory marker").map_err(|e| err(e.offset, e.message))?;
     let mut entries: Vec<Entry> = Vec::new();
+    let mut copies: Vec<u64> = Vec::new();
     while !r.is_empty() {
         let at = r.offset();
-        let e = decode_entry(&mut r).map_err(|e| err(e.offset, e.message))?;
-        let e = match e {
-            Decoded::Entry(e) => e,
+        match decode_entry(&mut r).map_err(|e| err(e.offset, e.message))? {
+            Decoded::Entry(header, ptr) => {
+                entries.push(Entry {
+                    item: Item { header, offset: ptr, end: ptr, header_len: 1, footer_len: 0 },
+                    crc32c: None,
+                });
+                copies.push(at);
+            }
             Decoded::Checksum { alg, value } => {
                 let Some(last) = entries.last_mut() else {
                     return Err(err(at, "expected an entry, found a checksum before any entry".into()));
@@ -275,135 +311,185 @@ pub fn decode(v: &View, trailer: Trailer, stream_start: u64) -> Result<Directory
                     return Err(err(at, "found two CRC-32C checksums for one entry".into()));
                 }
                 last.crc32c = Some(value);
-                continue;
             }
-        };
-        entries.push(e);
+        }
     }
     // Order and ranges.
     let sections_from = stream_start + HEADER_LEN;
     let mut prev: Option<u64> = None;
     let n = entries.len();
-    for (i, e) in entries.iter().enumerate() {
+    for (i, (e, &copy)) in entries.iter().zip(&copies).enumerate() {
+        let ptr = e.offset;
         if let Some(p) = prev {
-            if e.ptr <= p {
-                return Err(err(e.header_at, format!("expected pointers to increase, found {} after {p}", e.ptr)));
+            if ptr <= p {
+                return Err(err(copy, format!("expected pointers to increase, found {ptr} after {p}")));
             }
         }
-        prev = Some(e.ptr);
+        prev = Some(ptr);
         if e.kind == Kind::Vmdesc {
             if i + 1 != n {
-                return Err(err(e.header_at, "expected the vmdesc entry right before the EOF entry".into()));
+                return Err(err(copy, "expected the vmdesc entry right before the EOF entry".into()));
             }
-            if e.ptr <= trailer.eof || e.ptr >= trailer.dir {
+            if ptr <= trailer.eof || ptr >= trailer.dir {
                 return Err(err(
-                    e.header_at,
-                    format!("expected the vmdesc pointer between the EOF byte ({}) and the directory ({}), found {}", trailer.eof, trailer.dir, e.ptr),
+                    copy,
+                    format!(
+                        "expected the vmdesc pointer between the EOF byte ({}) and the directory ({}), found {ptr}",
+                        trailer.eof, trailer.dir
+                    ),
                 ));
             }
-        } else if e.ptr < sections_from || e.ptr >= trailer.eof {
+        } else if ptr < sections_from || ptr >= trailer.eof {
             return Err(err(
-                e.header_at,
-                format!("expected a pointer from {sections_from} to below the EOF byte ({}), found {}", trailer.eof, e.ptr),
+                copy,
+                format!("expected a pointer from {sections_from} to below the EOF byte ({}), found {ptr}", trailer.eof),
             ));
         }
     }
-    Ok(Directory { trailer, entries })
+    // Extents: to the next pointer in file order, the last section to the
+    // EOF byte, the vmdesc to the directory. PART and END entries carry only
+    // an id: they take the name of their START.
+    let mut opened: HashMap<u32, Header> = HashMap::new();
+    for i in 0..n {
+        let end = if entries[i].kind == Kind::Vmdesc {
+            trailer.dir
+        } else {
+            match entries.get(i + 1) {
+                Some(next) if next.kind != Kind::Vmdesc => next.offset,
+                _ => trailer.eof,
+            }
+        };
+        let item = &mut entries[i].item;
+        item.end = end;
+        item.header_len = match item.kind {
+            Kind::Configuration => 1,
+            Kind::Vmdesc => VMDESC_HEADER,
+            _ => item.header.copy_len(),
+        };
+        match item.kind {
+            Kind::Start | Kind::Full => {
+                opened.insert(item.section_id, item.header.clone());
+            }
+            Kind::Part | Kind::End => {
+                if let Some(h) = opened.get(&item.section_id) {
+                    item.header.name = h.name.clone();
+                    item.header.instance_id = h.instance_id;
+                    item.header.version_id = h.version_id;
+                }
+            }
+            _ => {}
+        }
+    }
+    Ok(Directory { trailer, entries, copies })
 }
 
 enum Decoded {
-    Entry(Entry),
+    Entry(Header, u64),
     Checksum { alg: u8, value: u32 },
 }
 
 fn decode_entry(r: &mut Reader) -> super::error::Result<Decoded> {
-    let header_at = r.offset();
+    let at = r.offset();
     let t = r.u8("an entry type")?;
-    let mut e = Entry {
-        kind: Kind::Configuration,
-        ptr: 0,
-        section_id: 0,
-        name: None,
-        instance_id: 0,
-        version_id: 0,
-        command: 0,
-        command_len: 0,
-        crc32c: None,
-        header_at,
-        header_len: 1,
-    };
-    match t {
+    let kind = match t {
         tag::CHECKSUM => {
             let alg = r.u8("a checksum algorithm")?;
             let value = r.be32("a checksum")?;
             return Ok(Decoded::Checksum { alg, value });
         }
-        tag::CONFIGURATION | tag::VMDESC => {}
-        tag::START | tag::FULL => {
-            e.section_id = r.be32("a section id")?;
-            let name = r.cstr8("a section name")?;
-            e.name = Some(Arc::from(String::from_utf8_lossy(name).as_ref()));
-            e.instance_id = r.be32("an instance id")?;
-            e.version_id = r.be32("a version id")?;
-        }
-        tag::PART | tag::END => e.section_id = r.be32("a section id")?,
-        tag::COMMAND => {
-            e.command = r.be16("a command number")?;
-            e.command_len = r.be16("a command length")?;
-        }
         tag::EOF | tag::DIRECTORY => {
-            return Err(super::error::FormatError::invalid(
-                header_at,
-                format!("expected an entry, found a second {} entry before the trailer", if t == tag::EOF { "EOF" } else { "DIRECTORY" }),
+            return Err(FormatError::invalid(
+                at,
+                format!(
+                    "expected an entry, found a second {} entry before the trailer",
+                    if t == tag::EOF { "EOF" } else { "DIRECTORY" }
+                ),
             ))
         }
-        _ => {
-            return Err(super::error::FormatError::invalid(header_at, format!("expected an entry type, found the unknown type 0x{t:02x}")))
+        t => Kind::from_tag(t).ok_or_else(|| {
+            FormatError::invalid(at, format!("expected an entry type, found the unknown type 0x{t:02x}"))
+        })?,
+    };
+    let mut h = Header::new(kind);
+    match kind {
+        Kind::Configuration | Kind::Vmdesc => {}
+        Kind::Start | Kind::Full => {
+            h.section_id = r.be32("a section id")?;
+            let name = r.cstr8("a section name")?;
+            h.name = Some(Arc::from(String::from_utf8_lossy(name).as_ref()));
+            h.instance_id = r.be32("an instance id")?;
+            h.version_id = r.be32("a version id")?;
+        }
+        Kind::Part | Kind::End => h.section_id = r.be32("a section id")?,
+        Kind::Command => {
+            h.command = r.be16("a command number")?;
+            h.command_len = r.be16("a command length")?;
         }
     }
-    e.kind = Kind::from_tag(t).expect("a known type");
-    e.header_len = r.offset() - header_at;
-    e.ptr = r.be64("an entry's pointer")?;
-    Ok(Decoded::Entry(e))
+    let ptr = r.be64("an entry's pointer")?;
+    Ok(Decoded::Entry(h, ptr))
+}
+
+/// The ranges check 3 reads: the stream's header, and for every entry the
+/// footer that ends the item before it and the header at its pointer.
+fn cross_check_ranges(d: &Directory, stream_start: u64) -> Vec<(u64, u64)> {
+    let mut r: Vec<(u64, u64)> = Vec::with_capacity(d.entries.len() + 2);
+    r.push((stream_start, stream_start + HEADER_LEN));
+    for e in &d.entries {
+        let len = if e.kind == Kind::Vmdesc { VMDESC_HEADER } else { e.header.copy_len() };
+        r.push((e.offset.saturating_sub(FOOTER_LEN), e.offset + len));
+    }
+    r.push((d.trailer.eof.saturating_sub(FOOTER_LEN), d.trailer.eof + 1));
+    r
 }
 
 /// Check 3: each entry's header equals the bytes at its pointer, PART/END
 /// continue an earlier START, and the stream begins with QEMU's magic.
+/// Nearby headers are read together: a source where each read is a request
+/// is asked a few times, not once per entry.
 pub fn cross_check(v: &View, d: &Directory, stream_start: u64) -> Result<(), CheckError> {
     let err = |at: u64, m: String| Err(CheckError::new(Check::CrossCheck, Some(at), m));
-    let magic = v.slice(stream_start, stream_start + HEADER_LEN);
+    v.prefetch(&cross_check_ranges(d, stream_start));
+    let magic = v.get(stream_start, HEADER_LEN);
     let mut want = STREAM_MAGIC.to_be_bytes().to_vec();
     want.extend_from_slice(&STREAM_VERSION.to_be_bytes());
-    if magic != Some(&want[..]) {
+    if magic.as_deref() != Some(&want[..]) {
         return err(
             stream_start,
-            format!("expected the stream to begin with \"QEVM\" and version 3, found \"{}\"", show_bytes(magic.unwrap_or(&[]))),
+            format!(
+                "expected the stream to begin with \"QEVM\" and version 3, found \"{}\"",
+                show_bytes(magic.as_deref().unwrap_or(&[]))
+            ),
         );
     }
-    let mut live: std::collections::HashMap<u32, Arc<str>> = std::collections::HashMap::new();
-    for e in &d.entries {
-        let copy = v.slice(e.header_at, e.header_at + e.header_len).expect("decoded entries lie in the directory");
-        let found = v.slice(e.ptr, e.ptr + e.header_len);
-        if found != Some(copy) {
+    let mut live: HashMap<u32, ()> = HashMap::new();
+    for (e, &copy_at) in d.entries.iter().zip(&d.copies) {
+        let len = e.header.copy_len();
+        let copy = v.get(copy_at, len).expect("decoded entries lie in the directory");
+        let found = v.get(e.offset, len);
+        if found.as_deref() != Some(&copy[..]) {
             return err(
-                e.ptr,
+                e.offset,
                 format!(
-                    "expected the header of the {} entry at offset {} (\"{}\"), found \"{}\"",
+                    "expected the header of the {} entry at offset {copy_at} (\"{}\"), found \"{}\"",
                     e.kind.as_str(),
-                    e.header_at,
-                    show_bytes(copy),
-                    show_bytes(found.unwrap_or(&[]))
+                    show_bytes(&copy),
+                    show_bytes(found.as_deref().unwrap_or(&[]))
                 ),
             );
         }
         match e.kind {
             Kind::Start => {
-                live.insert(e.section_id, e.name.clone().unwrap_or_else(|| Arc::from("")));
+                live.insert(e.section_id, ());
             }
             Kind::Part | Kind::End if !live.contains_key(&e.section_id) => {
                 return err(
-                    e.ptr,
-                    format!("a {} section names section id {}, which no earlier START opened", e.kind.as_str(), e.section_id),
+                    e.offset,
+                    format!(
+                        "a {} section names section id {}, which no earlier START opened",
+                        e.kind.as_str(),
+                        e.section_id
+                    ),
                 );
             }
             _ => {}
@@ -411,43 +497,54 @@ pub fn cross_check(v: &View, d: &Directory, stream_start: u64) -> Result<(), Che
     }
     if let Some(vm) = d.entries.last().filter(|e| e.kind == Kind::Vmdesc) {
         // The vmdesc must end exactly where the directory begins.
-        let len = match v.slice(vm.ptr + 1, vm.ptr + 5) {
-            Some(b) => u32::from_be_bytes([b[0], b[1], b[2], b[3]]) as u64,
-            None => return err(vm.ptr, "expected the vmdesc's length, found the end of the file".into()),
+        let len = match v.be32(vm.offset + 1) {
+            Some(n) => n as u64,
+            None => return err(vm.offset, "expected the vmdesc's length, found the end of the file".into()),
         };
-        if vm.ptr + 5 + len != d.trailer.dir {
+        if vm.offset + VMDESC_HEADER + len != d.trailer.dir {
             return err(
-                vm.ptr + 1,
-                format!("expected the vmdesc to end where the directory begins ({}), found it ends at {}", d.trailer.dir, vm.ptr + 5 + len),
+                vm.offset + 1,
+                format!(
+                    "expected the vmdesc to end where the directory begins ({}), found it ends at {}",
+                    d.trailer.dir,
+                    vm.offset + VMDESC_HEADER + len
+                ),
             );
         }
     } else if d.trailer.eof + 1 != d.trailer.dir {
         return err(
             d.trailer.eof + 1,
-            format!("expected the directory right after the EOF byte, found {} bytes between", d.trailer.dir - d.trailer.eof - 1),
+            format!(
+                "expected the directory right after the EOF byte, found {} bytes between",
+                d.trailer.dir - d.trailer.eof - 1
+            ),
         );
     }
     Ok(())
 }
 
 impl Directory {
-    /// The extent of each entry's item: to the next pointer in file order, the
-    /// last section to the EOF byte, the vmdesc by its length field.
+    /// The extent of each entry's item, `(start, end)`.
     pub fn extents(&self) -> Vec<(u64, u64)> {
-        let n = self.entries.len();
-        let mut out = Vec::with_capacity(n);
-        for (i, e) in self.entries.iter().enumerate() {
-            let end = if e.kind == Kind::Vmdesc {
-                self.trailer.dir
-            } else {
-                match self.entries.get(i + 1) {
-                    Some(next) if next.kind != Kind::Vmdesc => next.ptr,
-                    _ => self.trailer.eof,
-                }
-            };
-            out.push((e.ptr, end));
+        self.entries.iter().map(|e| (e.offset, e.end)).collect()
+    }
+
+    /// Sets each section's footer length when every section ends in its own
+    /// footer (the bytes were read by [`cross_check`]); returns whether so.
+    pub fn detect_footers(&mut self, v: &View) -> bool {
+        let footer_of = |e: &Entry| {
+            e.size() >= e.header_len + FOOTER_LEN
+                && v.byte(e.end - FOOTER_LEN) == Some(tag::FOOTER)
+                && v.be32(e.end - 4) == Some(e.section_id)
+        };
+        let mut sections = self.entries.iter().filter(|e| e.kind.is_section()).peekable();
+        let footers = sections.peek().is_some() && sections.all(footer_of);
+        if footers {
+            for e in self.entries.iter_mut().filter(|e| e.kind.is_section()) {
+                e.item.footer_len = FOOTER_LEN;
+            }
         }
-        out
+        footers
     }
 }
 
@@ -463,7 +560,7 @@ mod tests {
         let dir = encode(&s.items, s.eof, d.len() as u64, if crc { Some(&crcs) } else { None });
         // The rebuilt headers are the stream's own bytes.
         for i in &s.items {
-            let h = entry_header(i);
+            let h = i.header.encode();
             assert_eq!(&d[i.offset as usize..i.offset as usize + h.len()], &h[..]);
         }
         d.extend_from_slice(&dir);
@@ -482,7 +579,7 @@ mod tests {
             assert_eq!(dir.entries.len(), s.items.len());
             for ((e, i), (a, b)) in dir.entries.iter().zip(&s.items).zip(dir.extents()) {
                 assert_eq!(e.kind, i.kind);
-                assert_eq!(e.ptr, i.offset);
+                assert_eq!(e.offset, i.offset);
                 assert_eq!((a, b), (i.offset, i.end));
                 assert_eq!(e.crc32c.is_some(), crc);
             }
@@ -495,7 +592,7 @@ mod tests {
         let d = sample_stream(true);
         let e = check_trailer(&View::appended(&d)).unwrap_err();
         assert_eq!(e.check, Check::Trailer);
-        assert!(check_trailer(&View::appended(&[])).is_err());
+        assert!(check_trailer(&View::appended(&Vec::new())).is_err());
     }
 
     #[test]
@@ -515,7 +612,7 @@ mod tests {
                 if let Ok(dir) = res {
                     // Only a checksum value may change undetected by checks 1-3.
                     let orig = decode(&View::appended(&d), check_trailer(&View::appended(&d)).unwrap(), 0).unwrap();
-                    let strip = |d: &Directory| d.entries.iter().map(|e| (e.kind, e.ptr)).collect::<Vec<_>>();
+                    let strip = |d: &Directory| d.entries.iter().map(|e| (e.kind, e.offset)).collect::<Vec<_>>();
                     assert_eq!(strip(&dir), strip(&orig), "flip at {i} bit {bit}");
                 }
             }

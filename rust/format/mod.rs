@@ -3,11 +3,14 @@
 //! Everything here works on byte slices that hold a whole file (typically a
 //! memory map) and reports absolute file offsets. Nothing here performs I/O.
 
+use std::sync::Arc;
+
 pub mod directory;
 pub mod error;
 pub mod libvirt;
 pub mod ram;
 pub mod reader;
+pub mod source;
 pub mod stream;
 pub mod vmdesc;
 
@@ -107,6 +110,71 @@ impl Kind {
     /// True for the four section kinds.
     pub fn is_section(self) -> bool {
         matches!(self, Kind::Start | Kind::Part | Kind::End | Kind::Full)
+    }
+}
+
+/// The header of a top-level item, as the stream writes it and a directory
+/// entry copies it. One type serves the stream's items, the directory's
+/// entries and the Python `Entry`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Header {
+    pub kind: Kind,
+    /// Section id (sections only; 0 otherwise).
+    pub section_id: u32,
+    /// Section name; PART and END carry the name of the START they continue.
+    pub name: Option<Arc<str>>,
+    pub instance_id: u32,
+    pub version_id: u32,
+    /// Command number and length (commands only).
+    pub command: u16,
+    pub command_len: u16,
+}
+
+impl Header {
+    pub fn new(kind: Kind) -> Self {
+        Header { kind, section_id: 0, name: None, instance_id: 0, version_id: 0, command: 0, command_len: 0 }
+    }
+
+    /// The bytes a directory entry copies: the type byte and, for sections
+    /// and commands, the fields that follow it in the stream (section names
+    /// are printable ASCII, so these are the stream's own bytes).
+    pub fn encode(&self) -> Vec<u8> {
+        let mut h = vec![self.kind.tag()];
+        match self.kind {
+            Kind::Configuration | Kind::Vmdesc => {}
+            Kind::Start | Kind::Full => {
+                let name = self.name.as_deref().unwrap_or("").as_bytes();
+                h.extend_from_slice(&self.section_id.to_be_bytes());
+                h.push(name.len() as u8);
+                h.extend_from_slice(name);
+                h.extend_from_slice(&self.instance_id.to_be_bytes());
+                h.extend_from_slice(&self.version_id.to_be_bytes());
+            }
+            Kind::Part | Kind::End => h.extend_from_slice(&self.section_id.to_be_bytes()),
+            Kind::Command => {
+                h.extend_from_slice(&self.command.to_be_bytes());
+                h.extend_from_slice(&self.command_len.to_be_bytes());
+            }
+        }
+        h
+    }
+
+    /// Bytes of [`encode`](Self::encode).
+    pub fn copy_len(&self) -> u64 {
+        match self.kind {
+            Kind::Configuration | Kind::Vmdesc => 1,
+            Kind::Start | Kind::Full => 14 + self.name.as_deref().map_or(0, |n| n.len() as u64),
+            Kind::Part | Kind::End | Kind::Command => 5,
+        }
+    }
+
+    /// For messages: `full section "cpu" (id 3)`, `command 11 (SWITCHOVER_START)`.
+    pub fn describe(&self) -> String {
+        match self.kind {
+            Kind::Command => format!("command {} ({})", self.command, command_name(self.command)),
+            Kind::Configuration | Kind::Vmdesc => format!("the {}", self.kind.as_str()),
+            k => format!("{} section \"{}\" (id {})", k.as_str(), self.name.as_deref().unwrap_or(""), self.section_id),
+        }
     }
 }
 

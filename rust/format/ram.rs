@@ -60,6 +60,9 @@ pub struct MappedRam {
     pub bitmap_offset: u64,
     /// Absolute file offset of the block's first page (0 when the block has no data).
     pub pages_offset: u64,
+    /// Where the stream goes on after the block's page region (None when
+    /// the block has no data in the file).
+    pub next: Option<u64>,
 }
 
 /// One RAMBlock of the START section's block list.
@@ -81,6 +84,18 @@ pub enum Record {
     Eos,
     /// Any other record.
     Other,
+    /// A mapped-ram block header: the stream goes on at this absolute
+    /// offset, after the block's page region (which the parser need not read).
+    Jump(u64),
+}
+
+/// A block list (MEM_SIZE record) read block by block: a mapped-ram block's
+/// header is followed by its page region, which the stream jumps over.
+#[derive(Clone, Debug, Default)]
+struct PendingList {
+    total: u64,
+    sum: u64,
+    blocks: Vec<RamBlock>,
 }
 
 /// Counts of the records seen so far.
@@ -101,6 +116,7 @@ pub struct RamState {
     pub blocks: Vec<RamBlock>,
     last_block: Option<usize>,
     pub stats: RamStats,
+    pending: Option<PendingList>,
 }
 
 impl RamState {
@@ -108,16 +124,28 @@ impl RamState {
         RamState { options, ..Default::default() }
     }
 
-    /// Reads one section payload up to and including its EOS record.
+    /// Reads one section payload up to and including its EOS record, from
+    /// a reader that holds the whole file (jumps are seeks).
     pub fn parse_payload(&mut self, r: &mut Reader) -> Result<()> {
-        while self.parse_record(r)? != Record::Eos {}
-        Ok(())
+        loop {
+            match self.parse_record(r)? {
+                Record::Eos => return Ok(()),
+                Record::Other => {}
+                Record::Jump(next) => {
+                    r.seek(next).map_err(|e| e.context("a mapped-ram page region"))?;
+                }
+            }
+        }
     }
 
     /// Reads one record. A record that fails (for example because the data
     /// ends inside it) leaves no trace: reading it again from its first byte
     /// with more data gives the same result as if it had been whole.
     pub fn parse_record(&mut self, r: &mut Reader) -> Result<Record> {
+        if let Some(list) = self.pending.take() {
+            let at = r.offset();
+            return self.parse_blocks(r, list, at);
+        }
         let page_size = self.options.page_size;
         let offset_mask = page_size - 1;
         let at = r.offset();
@@ -132,7 +160,12 @@ impl RamState {
         let addr = word & !offset_mask;
         match flags & !FLAG_CONTINUE {
             FLAG_EOS => return Ok(Record::Eos),
-            FLAG_MEM_SIZE => self.parse_block_list(r, addr, at)?,
+            FLAG_MEM_SIZE => {
+                if !self.blocks.is_empty() {
+                    return Err(FormatError::invalid(at, "found a second RAM block list (MEM_SIZE record)"));
+                }
+                return self.parse_blocks(r, PendingList { total: addr, ..Default::default() }, at);
+            }
             FLAG_ZERO => {
                 let block = self.block_for(r, flags, addr, at)?;
                 let fill = r.u8("a zero page's fill byte")?;
@@ -234,13 +267,12 @@ impl RamState {
         Ok(idx)
     }
 
-    fn parse_block_list(&mut self, r: &mut Reader, total: u64, at: u64) -> Result<()> {
-        if !self.blocks.is_empty() {
-            return Err(FormatError::invalid(at, "found a second RAM block list (MEM_SIZE record)"));
-        }
-        let mut blocks = Vec::new();
-        let mut sum: u64 = 0;
-        while sum < total {
+    /// Reads blocks of a block list until it is complete, or until a
+    /// mapped-ram block sends the stream past its page region. What is read
+    /// is kept only when it is whole: on an error the state is as before.
+    fn parse_blocks(&mut self, r: &mut Reader, mut list: PendingList, at: u64) -> Result<Record> {
+        let total = list.total;
+        while list.sum < total {
             let id_at = r.offset();
             let id = r.cstr8("a RAM block id")?;
             if id.is_empty() {
@@ -249,7 +281,7 @@ impl RamState {
             let id = String::from_utf8_lossy(id).into_owned();
             let len_at = r.offset();
             let used_length = r.be64("a RAM block's used length")?;
-            sum = sum.checked_add(used_length).filter(|&s| s <= total).ok_or_else(|| {
+            list.sum = list.sum.checked_add(used_length).filter(|&s| s <= total).ok_or_else(|| {
                 FormatError::invalid(
                     len_at,
                     format!("RAM block \"{id}\" ({used_length} bytes) makes the blocks longer than the {total} bytes the list announced"),
@@ -258,14 +290,25 @@ impl RamState {
             let page_size = if self.options.postcopy { self.peek_block_page_size(r)? } else { None };
             let addr = if self.options.ignore_shared { Some(r.be64("a RAM block's address")?) } else { None };
             let mapped = if self.options.mapped_ram { Some(self.parse_mapped_ram(r, &id, used_length)?) } else { None };
-            if blocks.len() >= 1 << 16 {
+            if list.blocks.len() >= 1 << 16 {
                 return Err(FormatError::invalid(id_at, "more than 65536 RAM blocks"));
             }
-            blocks.push(RamBlock { id, used_length, page_size, addr, mapped });
+            list.blocks.push(RamBlock { id, used_length, page_size, addr, mapped });
+            if let Some(next) = mapped.and_then(|m| m.next) {
+                // The stream goes on after the block's page region.
+                if list.sum < total {
+                    self.pending = Some(list);
+                } else {
+                    self.total = total;
+                    self.blocks = list.blocks;
+                }
+                return Ok(Record::Jump(next));
+            }
         }
+        let _ = at;
         self.total = total;
-        self.blocks = blocks;
-        Ok(())
+        self.blocks = list.blocks;
+        Ok(Record::Other)
     }
 
     /// Under postcopy, a hugepage block's page size follows its length. The
@@ -273,7 +316,9 @@ impl RamState {
     /// power of two from 8 KiB to 16 GiB, which no block id byte (a non-zero
     /// length) and no record word that can follow the list (EOS, flush) is.
     fn peek_block_page_size(&self, r: &mut Reader) -> Result<Option<u64>> {
-        let Some(b) = r.peek_bytes(8) else { return Ok(None) };
+        let Some(b) = r.peek_bytes(8) else {
+            return Ok(None);
+        };
         let v = u64::from_be_bytes([b[0], b[1], b[2], b[3], b[4], b[5], b[6], b[7]]);
         if v.is_power_of_two() && (8192..=1 << 34).contains(&v) && v > self.options.page_size {
             r.skip(8, "a RAM block's page size")?;
@@ -298,7 +343,7 @@ impl RamState {
         let header_end = r.offset();
         if bitmap_offset == 0 && pages_offset == 0 {
             // x-ignore-shared blocks have no data in the file.
-            return Ok(MappedRam { page_size, bitmap_offset, pages_offset });
+            return Ok(MappedRam { page_size, bitmap_offset, pages_offset, next: None });
         }
         if page_size != self.options.page_size {
             return Err(FormatError::invalid(
@@ -324,9 +369,7 @@ impl RamState {
         let next = pages_offset.checked_add(used_length).ok_or_else(|| {
             FormatError::invalid(at + 20, format!("block \"{id}\": mapped-ram page region overflows"))
         })?;
-        // The stream goes on after the block's page region.
-        r.seek(next).map_err(|e| e.context(format!("block \"{id}\": mapped-ram page region")))?;
-        Ok(MappedRam { page_size, bitmap_offset, pages_offset })
+        Ok(MappedRam { page_size, bitmap_offset, pages_offset, next: Some(next) })
     }
 }
 

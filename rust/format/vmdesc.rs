@@ -58,10 +58,13 @@ pub fn locate_at(data: &[u8], at: u64) -> Result<VmdescLocation> {
         Some(b) => {
             return Err(FormatError::invalid(at, format!("expected the vmdesc type byte 0x06, found 0x{b:02x}")))
         }
-        None => return Err(FormatError::truncated(at, "expected the vmdesc type byte 0x06, found the end of the file")),
+        None => {
+            return Err(FormatError::truncated(at, "expected the vmdesc type byte 0x06, found the end of the file"))
+        }
     }
-    let json_len = be32_at(data, at + 1)
-        .ok_or_else(|| FormatError::truncated(at + 1, "expected the vmdesc's be32 length, found the end of the file"))?;
+    let json_len = be32_at(data, at + 1).ok_or_else(|| {
+        FormatError::truncated(at + 1, "expected the vmdesc's be32 length, found the end of the file")
+    })?;
     let loc = VmdescLocation { offset: at, json_len };
     if loc.end() > data.len() as u64 {
         return Err(FormatError::truncated(
@@ -80,18 +83,27 @@ pub fn locate_at(data: &[u8], at: u64) -> Result<VmdescLocation> {
 /// `end`. JSON never holds a NUL, so the EOF byte is the last NUL before the
 /// JSON; that is where the search starts. Returns the EOF byte's offset too.
 pub fn find_from_tail(data: &[u8], end: u64, window: u64) -> Option<(u64, VmdescLocation)> {
-    let end_us = usize::try_from(end).ok()?;
-    if end_us > data.len() || end_us < 7 || data[end_us - 1] != b'}' {
+    let end_us = usize::try_from(end).ok()?.min(data.len());
+    let lo = end_us.saturating_sub(usize::try_from(window).unwrap_or(usize::MAX));
+    find_in_tail(&data[lo..end_us], lo as u64, end)
+}
+
+/// As [`find_from_tail`], over `tail`: the file's bytes from offset `tail_at`
+/// up to `end` (a window read from a source that is not a slice).
+pub fn find_in_tail(tail: &[u8], tail_at: u64, end: u64) -> Option<(u64, VmdescLocation)> {
+    if tail_at.checked_add(tail.len() as u64)? != end || tail.len() < 7 || tail[tail.len() - 1] != b'}' {
         return None;
     }
-    let lo = end_us.saturating_sub(usize::try_from(window).unwrap_or(usize::MAX));
     // JSON holds no NUL, so the last NUL before `end` is the EOF byte or one
     // of the zero bytes of the be32 length that follows `06`.
-    let nul = lo + data[lo..end_us].iter().rposition(|&b| b == 0)?;
+    let nul = tail.iter().rposition(|&b| b == 0)?;
     for back in [0usize, 2, 3, 4, 5] {
-        let Some(eof) = nul.checked_sub(back) else { continue };
-        if let Some(cand) = check_candidate(data, eof as u64, end) {
-            return Some((eof as u64, cand));
+        let Some(eof) = nul.checked_sub(back) else {
+            continue;
+        };
+        if let Some(cand) = check_candidate(tail, eof as u64, tail.len() as u64) {
+            let loc = VmdescLocation { offset: cand.offset + tail_at, json_len: cand.json_len };
+            return Some((eof as u64 + tail_at, loc));
         }
     }
     None
@@ -111,9 +123,8 @@ fn check_candidate(data: &[u8], eof: u64, end: u64) -> Option<VmdescLocation> {
 
 /// Parses the vmdesc JSON at `loc`.
 pub fn parse(data: &[u8], loc: VmdescLocation) -> Result<Vmdesc> {
-    let json = loc
-        .json(data)
-        .ok_or_else(|| FormatError::truncated(loc.offset, "the vmdesc runs past the end of the file"))?;
+    let json =
+        loc.json(data).ok_or_else(|| FormatError::truncated(loc.offset, "the vmdesc runs past the end of the file"))?;
     parse_json(json, loc.offset + VMDESC_HEADER)
 }
 
@@ -132,10 +143,8 @@ fn from_value(v: &Value) -> std::result::Result<Vmdesc, String> {
         let devs = devs.as_array().ok_or("expected the vmdesc's \"devices\" to be a list")?;
         devices.reserve(devs.len());
         for (i, d) in devs.iter().enumerate() {
-            let name = d
-                .get("name")
-                .and_then(Value::as_str)
-                .ok_or_else(|| format!("vmdesc device #{i} has no \"name\""))?;
+            let name =
+                d.get("name").and_then(Value::as_str).ok_or_else(|| format!("vmdesc device #{i} has no \"name\""))?;
             let instance_id = d
                 .get("instance_id")
                 .and_then(Value::as_u64)
@@ -208,10 +217,8 @@ mod tests {
 
     #[test]
     fn refuses_overflowing_sizes() {
-        let v: Value = serde_json::from_str(
-            r#"{"fields":[{"name":"a","array_len":18446744073709551615,"size":2}]}"#,
-        )
-        .unwrap();
+        let v: Value =
+            serde_json::from_str(r#"{"fields":[{"name":"a","array_len":18446744073709551615,"size":2}]}"#).unwrap();
         assert_eq!(vmsd_size(&v, 0), None);
     }
 

@@ -32,6 +32,14 @@ pub enum Error {
     #[error("{}: {message}", path.display())]
     NotFound { path: PathBuf, message: String },
 
+    /// Another process (or another open file) holds the file's lock.
+    #[error("{}: the file is busy: {message}", path.display())]
+    Locked { path: PathBuf, message: String },
+
+    /// A byte source could not deliver the bytes asked for.
+    #[error("{}: cannot read {len} bytes at offset {offset}: {source}", path.display())]
+    Read { path: PathBuf, offset: u64, len: u64, source: io::Error },
+
     /// The file changed while savedir had it open.
     #[error("{}: the file changed while it was read: {message}", path.display())]
     Changed { path: PathBuf, message: String },
@@ -46,12 +54,21 @@ impl Error {
         Error::Format { path: path.into(), source }
     }
 
+    /// An error of a parse over a byte source.
+    pub fn source(path: impl Into<PathBuf>, e: crate::format::source::SourceError) -> Self {
+        use crate::format::source::SourceError;
+        match e {
+            SourceError::Format(source) => Error::Format { path: path.into(), source },
+            SourceError::Io { offset, len, error } => Error::Read { path: path.into(), offset, len, source: error },
+        }
+    }
+
     /// The file offset the error is about, if any.
     pub fn offset(&self) -> Option<u64> {
         match self {
             Error::Format { source, .. } => Some(source.offset),
             Error::Directory { source, .. } => source.offset,
-            Error::TrailingData { offset, .. } => Some(*offset),
+            Error::TrailingData { offset, .. } | Error::Read { offset, .. } => Some(*offset),
             _ => None,
         }
     }
@@ -64,6 +81,8 @@ impl Error {
             | Error::Directory { path, .. }
             | Error::TrailingData { path, .. }
             | Error::NotFound { path, .. }
+            | Error::Locked { path, .. }
+            | Error::Read { path, .. }
             | Error::Changed { path, .. } => path,
         }
     }

@@ -13,7 +13,7 @@ use super::checksum::crc32c_extents;
 use super::error::{Error, Result};
 use super::locate::{check_directory, find_directory, locate, sidecar_path};
 use super::progress::Progress;
-use super::source::{check_regular, map_file};
+use super::source::{check_regular, lock_exclusive, map_file};
 
 #[derive(Clone, Debug)]
 pub struct IndexOptions {
@@ -28,11 +28,13 @@ pub struct IndexOptions {
     pub sidecar: bool,
     /// Where the stream starts, when it cannot be found by itself.
     pub offset: Option<u64>,
+    /// Wait for readers of the file to close it, instead of failing.
+    pub wait: bool,
 }
 
 impl Default for IndexOptions {
     fn default() -> Self {
-        IndexOptions { force: false, checksums: true, progress: false, sidecar: false, offset: None }
+        IndexOptions { force: false, checksums: true, progress: false, sidecar: false, offset: None, wait: false }
     }
 }
 
@@ -62,19 +64,24 @@ pub fn describe_trailing(data: &[u8], end: u64) -> String {
     }
 }
 
-/// Opens a file for writing, refusing read-only files even for root.
-pub fn open_for_writing(path: &Path) -> Result<File> {
+/// Opens a file for writing, refusing read-only files even for root, and
+/// takes the writer's exclusive lock (see [`lock_exclusive`]).
+pub fn open_for_writing(path: &Path, wait: bool) -> Result<File> {
     let md = check_regular(path)?;
     check_folder_writable(path)?;
     if md.permissions().readonly() {
         return Err(Error::io(
             path,
             "write",
-            std::io::Error::new(std::io::ErrorKind::PermissionDenied, "the file is read-only (no write permission bits)"),
+            std::io::Error::new(
+                std::io::ErrorKind::PermissionDenied,
+                "the file is read-only (no write permission bits)",
+            ),
         ));
     }
-    let file = FsOpenOptions::new().read(true).write(true).open(path).map_err(|e| Error::io(path, "open for writing", e))?;
-    file.lock().map_err(|e| Error::io(path, "lock", e))?;
+    let file =
+        FsOpenOptions::new().read(true).write(true).open(path).map_err(|e| Error::io(path, "open for writing", e))?;
+    lock_exclusive(path, &file, wait)?;
     Ok(file)
 }
 
@@ -90,18 +97,21 @@ pub fn check_folder_writable(path: &Path) -> Result<()> {
         return Err(Error::io(
             folder,
             "create files in",
-            std::io::Error::new(std::io::ErrorKind::PermissionDenied, "the folder is read-only (no write permission bits)"),
+            std::io::Error::new(
+                std::io::ErrorKind::PermissionDenied,
+                "the folder is read-only (no write permission bits)",
+            ),
         ));
     }
     Ok(())
 }
 
 pub fn index(path: &Path, opts: &IndexOptions) -> Result<IndexReport> {
-    let file = open_for_writing(path)?;
+    let file = open_for_writing(path, opts.wait)?;
     // Mapped after the lock: another writer may have changed the file meanwhile.
     let map = map_file(path, &file)?;
     let data = map.bytes();
-    let located = locate(path, data, opts.offset)?;
+    let located = locate(path, &View::appended(&*map), opts.offset)?;
     let stream_start = located.stream_start;
     let report = |written, entries, dir_offset, dir_len, replaced, sidecar| IndexReport {
         path: path.to_path_buf(),
@@ -113,7 +123,7 @@ pub fn index(path: &Path, opts: &IndexOptions) -> Result<IndexReport> {
         sidecar,
     };
 
-    let appended = directory::check_trailer(&View::appended(data)).ok();
+    let appended = directory::check_trailer(&View::appended(&*map)).ok();
     if opts.sidecar && appended.is_some() {
         return Err(Error::TrailingData {
             path: path.to_path_buf(),
@@ -123,9 +133,9 @@ pub fn index(path: &Path, opts: &IndexOptions) -> Result<IndexReport> {
     }
     // A valid directory already: nothing to do, unless a rewrite is asked for.
     if !opts.force {
-        if let Some(src) = find_directory(path, data)? {
+        if let Some(src) = find_directory(path, &*map)? {
             if src.sidecar.is_some() == opts.sidecar {
-                if let Ok(d) = check_directory(&src, data, stream_start) {
+                if let Ok(d) = check_directory(&src, &src.view(&*map), stream_start) {
                     let t = d.trailer;
                     return Ok(report(false, d.entries.len(), t.dir, t.len - t.dir, 0, src.sidecar.map(|s| s.0)));
                 }
@@ -136,7 +146,7 @@ pub fn index(path: &Path, opts: &IndexOptions) -> Result<IndexReport> {
     map.advise_sequential();
     let meter = Progress::new(opts.progress, format!("{}: indexing", path.display()), map.len());
     let mut tick = |at: u64| meter.set(at);
-    let mut popts = ParseOptions::new(stream_start, super::locate::end_hint(data));
+    let mut popts = ParseOptions::new(stream_start, super::locate::end_hint(&*map));
     popts.progress = Some(&mut tick);
     let s = map.check(path, stream::parse(data, popts).map_err(|e| Error::format(path, e)))?;
 
@@ -145,7 +155,10 @@ pub fn index(path: &Path, opts: &IndexOptions) -> Result<IndexReport> {
         return Err(Error::TrailingData {
             path: path.to_path_buf(),
             offset: s.end,
-            message: format!("{}; a sidecar describes a file that ends with its stream", describe_trailing(data, s.end)),
+            message: format!(
+                "{}; a sidecar describes a file that ends with its stream",
+                describe_trailing(data, s.end)
+            ),
         });
     }
     let crcs = opts.checksums.then(|| {

@@ -1,37 +1,26 @@
-//! Opening a save file: through its directory in O(entries), or by a scan.
+//! Opening a save file: through its directory in O(entries), or by a scan,
+//! over any byte source (a mapping, positioned reads, a Python object).
 
+use std::borrow::Cow;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-use crate::format::directory::{Directory, Trailer};
-use crate::format::reader::{be32_at, Reader};
-use crate::format::stream::{self, Item, ParseOptions, FOOTER_LEN};
+use crate::format::directory::{Directory, Trailer, View};
+use crate::format::reader::Reader;
+use crate::format::source::{read_vec, ReadAt};
+use crate::format::stream::{self, read_machine_type, ParseOptions, MACHINE_TYPE_MAX};
 use crate::format::vmdesc::{self, VmdescLocation};
-use crate::format::{tag, Kind};
+use crate::format::Kind;
+
+pub use crate::format::directory::Entry;
 
 use super::error::{Error, Result};
+use super::locate::{check_directory, check_or_read_error, find_directory, locate, DirSource, Located, Sidecar};
 use super::progress::Progress;
-use super::locate::{check_directory, find_directory, locate, DirSource, Located};
-use super::source::{open_map, Map};
-
-/// One top-level item of a stream, as `ls` shows it: the item, and the
-/// checksum the directory stores for it.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct Entry {
-    pub item: Item,
-    /// The checksum stored in the directory, if any.
-    pub crc32c: Option<u32>,
-}
-
-impl std::ops::Deref for Entry {
-    type Target = Item;
-    fn deref(&self) -> &Item {
-        &self.item
-    }
-}
+use super::source::{map_file, open_locked, FileSource, Map, SharedLock};
 
 /// How to open a file.
-#[derive(Clone, Debug, Default)]
+#[derive(Clone, Debug)]
 pub struct OpenOptions {
     /// Ignore any directory and parse the stream from its start.
     pub scan: bool,
@@ -39,13 +28,34 @@ pub struct OpenOptions {
     pub progress: bool,
     /// Where the stream starts, when it cannot be found by itself.
     pub offset: Option<u64>,
+    /// Read a local file through a memory map (else by positioned reads).
+    pub mmap: bool,
+    /// Wait for a savedir writer at work on the file, instead of failing.
+    pub wait: bool,
 }
 
-/// An open save file: its mapping and the list of its items.
-#[derive(Debug)]
+impl Default for OpenOptions {
+    fn default() -> Self {
+        OpenOptions { scan: false, progress: false, offset: None, mmap: true, wait: false }
+    }
+}
+
+/// What the bytes of an open file come from, for telling whether it changed.
+#[derive(Debug, Clone)]
+pub enum Backing {
+    Map(Arc<Map>),
+    File(Arc<FileSource>),
+    /// A source savedir cannot watch (a Python object, a remote object).
+    Other,
+}
+
+/// An open save file: its byte source and the list of its items. A local
+/// file keeps the shared lock of a reader until this is dropped.
 pub struct SaveFile {
+    /// The file's path, or the name of the object it was read from.
     pub path: PathBuf,
-    pub map: Arc<Map>,
+    pub source: Arc<dyn ReadAt>,
+    pub backing: Backing,
     /// Absolute offset of the stream's magic.
     pub stream_start: u64,
     /// Absolute offset one past the stream's last byte (vmdesc included).
@@ -61,149 +71,167 @@ pub struct SaveFile {
     pub machine_type: Option<String>,
     /// The wrapper, if any, and how the stream was found.
     pub located: Located,
-    /// The sidecar the directory was read from, if any (kept mapped).
-    pub sidecar: Option<(PathBuf, Arc<Map>)>,
+    /// The sidecar the directory was read from, if any.
+    pub sidecar: Option<Sidecar>,
+    lock: Option<SharedLock>,
+}
+
+impl std::fmt::Debug for SaveFile {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SaveFile").field("path", &self.path).field("indexed", &self.indexed).finish_non_exhaustive()
+    }
 }
 
 /// Opens `path`: through its directory (appended, or a sidecar) when it has
 /// a valid one (checks 1–3), else by parsing the stream. A directory whose
 /// trailer is intact but which fails a check is an error, unless `opts.scan`
-/// asks to ignore it.
+/// asks to ignore it. The shared lock of a reader is held until the
+/// returned file is dropped.
 pub fn open(path: &Path, opts: &OpenOptions) -> Result<SaveFile> {
-    let (_file, map) = open_map(path)?;
-    let located = locate(path, map.bytes(), opts.offset)?;
-    if !opts.scan {
-        if let Some(src) = find_directory(path, map.bytes())? {
-            let d = check_directory(&src, map.bytes(), located.stream_start)
-                .map_err(|source| Error::Directory { path: path.to_path_buf(), source });
-            let d = map.check(path, d)?;
-            return Ok(from_directory(path, &map, src, d, located));
-        }
-    }
-    let m = map.clone();
-    m.check(path, scan(path, map, located, opts.progress))
+    let lock = open_locked(path, opts.wait)?;
+    let (source, backing): (Arc<dyn ReadAt>, Backing) = if opts.mmap {
+        let m = map_file(path, lock.file())?;
+        (m.clone(), Backing::Map(m))
+    } else {
+        let file = lock.file().try_clone().map_err(|e| Error::io(path, "open", e))?;
+        let f = Arc::new(FileSource::new(path, file)?);
+        (f.clone(), Backing::File(f))
+    };
+    let dir = if opts.scan { None } else { find_directory(path, &*source)? };
+    let mut f = open_source(path, source, backing, dir, opts)?;
+    f.lock = Some(lock);
+    f.check_changed()?;
+    Ok(f)
 }
 
-fn from_directory(path: &Path, map: &Arc<Map>, src: DirSource, dir: Directory, located: Located) -> SaveFile {
-    let data = map.bytes();
-    let trailer = dir.trailer;
-    let extents = dir.extents();
-    let mut entries: Vec<Entry> = dir
-        .entries
-        .iter()
-        .zip(&extents)
-        .map(|(e, &(start, end))| Entry {
-            item: Item {
-                kind: e.kind,
-                offset: start,
-                end,
-                header_len: match e.kind {
-                    Kind::Configuration => 1,
-                    Kind::Vmdesc => vmdesc::VMDESC_HEADER,
-                    _ => e.header_len,
-                },
-                footer_len: 0,
-                section_id: e.section_id,
-                name: e.name.clone(),
-                instance_id: e.instance_id,
-                version_id: e.version_id,
-                command: e.command,
-                command_len: e.command_len,
-            },
-            crc32c: e.crc32c,
-        })
-        .collect();
-    // PART and END entries carry only an id: name them after their START.
-    let mut names = std::collections::HashMap::new();
-    for s in entries.iter_mut().map(|e| &mut e.item) {
-        match s.kind {
-            Kind::Start | Kind::Full => {
-                names.insert(s.section_id, (s.name.clone(), s.instance_id, s.version_id));
-            }
-            Kind::Part | Kind::End => {
-                if let Some((n, i, v)) = names.get(&s.section_id) {
-                    s.name = n.clone();
-                    s.instance_id = *i;
-                    s.version_id = *v;
-                }
-            }
-            _ => {}
-        }
-    }
-    // The stream has footers when every section ends in its own.
-    let footers = entries.iter().any(|s| s.kind.is_section())
-        && entries.iter().filter(|s| s.kind.is_section()).all(|s| {
-            s.size() >= s.header_len + FOOTER_LEN
-                && crate::format::reader::byte_at(data, s.end - FOOTER_LEN) == Some(tag::FOOTER)
-                && be32_at(data, s.end - 4) == Some(s.section_id)
-        });
-    if footers {
-        for s in entries.iter_mut().filter(|s| s.kind.is_section()) {
-            s.item.footer_len = FOOTER_LEN;
-        }
-    }
-    let vmdesc = entries
-        .iter()
-        .find(|s| s.kind == Kind::Vmdesc)
-        .map(|s| VmdescLocation { offset: s.offset, json_len: (s.size() - vmdesc::VMDESC_HEADER) as u32 });
-    let machine_type = entries
-        .iter()
-        .find(|s| s.kind == Kind::Configuration)
-        .and_then(|s| machine_type_at(data, s.offset));
-    SaveFile {
-        path: path.to_path_buf(),
-        map: map.clone(),
+/// Opens the save whose bytes `source` holds (named `name` in messages),
+/// through the directory source `dir` when given.
+pub fn open_source(
+    name: &Path,
+    source: Arc<dyn ReadAt>,
+    backing: Backing,
+    dir: Option<DirSource>,
+    opts: &OpenOptions,
+) -> Result<SaveFile> {
+    let dsrc = dir.clone().unwrap_or_default();
+    let view = dsrc.view(&*source);
+    let located = locate(name, &view, opts.offset)?;
+    let mut f = SaveFile {
+        path: name.to_path_buf(),
+        source: source.clone(),
+        backing,
         stream_start: located.stream_start,
-        stream_end: trailer.dir,
-        eof: trailer.eof,
-        indexed: true,
-        trailer: Some(trailer),
-        entries,
-        vmdesc,
-        footers,
-        machine_type,
-        located,
-        sidecar: src.sidecar,
-    }
-}
-
-fn machine_type_at(data: &[u8], at: u64) -> Option<String> {
-    let mut r = Reader::at(data, at + 1).ok()?;
-    let len = r.be32("").ok()?;
-    if len > 256 {
-        return None;
-    }
-    Some(String::from_utf8_lossy(r.bytes(len as usize, "").ok()?).into_owned())
-}
-
-/// Parses the stream from its start.
-pub fn scan(path: &Path, map: Arc<Map>, located: Located, progress: bool) -> Result<SaveFile> {
-    let data = map.bytes();
-    let stream_start = located.stream_start;
-    let meter = Progress::new(progress, format!("{}: reading", path.display()), map.len());
-    let mut tick = |at: u64| meter.set(at);
-    let mut popts = ParseOptions::new(stream_start, super::locate::end_hint(data));
-    popts.progress = Some(&mut tick);
-    let s = stream::parse(data, popts).map_err(|e| Error::format(path, e))?;
-    meter.finish();
-    Ok(SaveFile {
-        path: path.to_path_buf(),
-        map: map.clone(),
-        stream_start,
-        stream_end: s.end,
-        eof: s.eof,
+        stream_end: 0,
+        eof: 0,
         indexed: false,
         trailer: None,
-        entries: s.items.into_iter().map(|item| Entry { item, crc32c: None }).collect(),
-        vmdesc: s.vmdesc,
-        footers: s.footers.unwrap_or(false),
-        machine_type: s.configuration.map(|c| c.machine_type),
+        entries: Vec::new(),
+        vmdesc: None,
+        footers: false,
+        machine_type: None,
         located,
         sidecar: None,
-    })
+        lock: None,
+    };
+    if let (Some(dsrc), false) = (dir, opts.scan) {
+        let d = check_directory(&dsrc, &view, f.stream_start);
+        let d = check_or_read_error(name, &view, d)?
+            .map_err(|source| Error::Directory { path: name.to_path_buf(), source });
+        let d = f.changed_error().map_or(d, Err)?;
+        f.from_directory(&view, d);
+        f.sidecar = dsrc.sidecar;
+        return Ok(f);
+    }
+    drop(view);
+    f.scan(opts.progress)?;
+    Ok(f)
 }
 
 impl SaveFile {
+    fn from_directory(&mut self, view: &View, mut dir: Directory) {
+        self.footers = dir.detect_footers(view);
+        self.trailer = Some(dir.trailer);
+        self.stream_end = dir.trailer.dir;
+        self.eof = dir.trailer.eof;
+        self.indexed = true;
+        self.vmdesc = dir
+            .entries
+            .iter()
+            .find(|s| s.kind == Kind::Vmdesc)
+            .map(|s| VmdescLocation { offset: s.offset, json_len: (s.size() - vmdesc::VMDESC_HEADER) as u32 });
+        self.machine_type = dir.entries.iter().find(|s| s.kind == Kind::Configuration).and_then(|s| {
+            let n = MACHINE_TYPE_MAX.min(s.size());
+            let b = view.get(s.offset, n)?;
+            read_machine_type(&mut Reader::with_base(&b, s.offset)).ok()
+        });
+        self.entries = dir.entries;
+    }
+
+    /// Parses the stream from its start.
+    fn scan(&mut self, progress: bool) -> Result<()> {
+        let size = self.source.size();
+        let meter = Progress::new(progress, format!("{}: reading", self.path.display()), size);
+        let mut tick = |at: u64| meter.set(at);
+        let mut popts = ParseOptions::new(self.stream_start, super::locate::end_hint(&*self.source));
+        popts.progress = Some(&mut tick);
+        let s = stream::parse_source(&*self.source, popts, None).map_err(|e| Error::source(&self.path, e));
+        let s = self.changed_error().map_or(s, Err)?;
+        meter.finish();
+        self.stream_end = s.end;
+        self.eof = s.eof;
+        self.entries = s.items.into_iter().map(|item| Entry { item, crc32c: None }).collect();
+        self.vmdesc = s.vmdesc;
+        self.footers = s.footers.unwrap_or(false);
+        self.machine_type = s.configuration.map(|c| c.machine_type);
+        Ok(())
+    }
+
+    /// Says how the file changed since it was opened, if savedir can tell.
+    pub fn changed(&self) -> Option<String> {
+        match &self.backing {
+            Backing::Map(m) => m.changed(),
+            Backing::File(f) => f.changed(),
+            Backing::Other => None,
+        }
+    }
+
+    fn changed_error(&self) -> Option<Error> {
+        self.changed().map(|message| Error::Changed { path: self.path.clone(), message })
+    }
+
+    /// Fails with [`Error::Changed`] when the file changed under the reader.
+    pub fn check_changed(&self) -> Result<()> {
+        self.changed_error().map_or(Ok(()), Err)
+    }
+
+    /// The mapping, when the file is read through one (zero-copy views).
+    pub fn map(&self) -> Option<&Arc<Map>> {
+        match &self.backing {
+            Backing::Map(m) => Some(m),
+            _ => None,
+        }
+    }
+
+    /// Bytes `start..end` of the file: borrowed from a mapping, else read.
+    pub fn read(&self, start: u64, end: u64) -> Result<Cow<'_, [u8]>> {
+        let size = self.source.size();
+        if start > end || end > size {
+            return Err(Error::Read {
+                path: self.path.clone(),
+                offset: start,
+                len: end.saturating_sub(start),
+                source: std::io::Error::new(std::io::ErrorKind::InvalidInput, format!("the file has {size} bytes")),
+            });
+        }
+        let r = match self.source.as_slice() {
+            Some(all) => Ok(Cow::Borrowed(&all[start as usize..end as usize])),
+            None => {
+                read_vec(&*self.source, start, end - start).map(Cow::Owned).map_err(|e| Error::source(&self.path, e))
+            }
+        };
+        self.changed_error().map_or(r, Err)
+    }
+
     /// Every item of the section `name` (instance `instance`, or the lowest):
     /// one FULL, or a START with its PARTs and END, in file order.
     pub fn find(&self, name: &str, instance: Option<u32>) -> Result<Vec<&Entry>> {
@@ -244,16 +272,20 @@ impl SaveFile {
     }
 
     /// The vmdesc JSON bytes, if the stream has a vmdesc.
-    pub fn vmdesc_json(&self) -> Option<&[u8]> {
-        self.vmdesc.and_then(|v| v.json(self.map.bytes()))
-    }
-
-    pub fn bytes(&self) -> &[u8] {
-        self.map.bytes()
+    pub fn vmdesc_json(&self) -> Result<Option<Cow<'_, [u8]>>> {
+        match self.vmdesc {
+            Some(v) => self.read(v.offset + vmdesc::VMDESC_HEADER, v.end()).map(Some),
+            None => Ok(None),
+        }
     }
 
     /// The directory source this file was opened through.
     pub fn dir_source(&self) -> DirSource {
         DirSource { sidecar: self.sidecar.clone() }
+    }
+
+    /// Releases the reader's lock (the bytes stay readable).
+    pub fn unlock(&mut self) {
+        self.lock = None;
     }
 }

@@ -63,7 +63,9 @@ impl Progress {
 
     fn maybe_print(&self) {
         let now = Instant::now();
-        let Ok(mut last) = self.last.try_lock() else { return };
+        let Ok(mut last) = self.last.try_lock() else {
+            return;
+        };
         match *last {
             None => {
                 // Stay quiet for short jobs.

@@ -32,11 +32,13 @@ pub struct RecordOptions {
     pub progress: bool,
     /// Keep the directory in `OUT.savedir` and leave OUT as the stream.
     pub sidecar: bool,
+    /// Wait for readers of an existing OUT to close it, instead of failing.
+    pub wait: bool,
 }
 
 impl Default for RecordOptions {
     fn default() -> Self {
-        RecordOptions { checksums: true, progress: false, sidecar: false }
+        RecordOptions { checksums: true, progress: false, sidecar: false, wait: false }
     }
 }
 
@@ -87,7 +89,10 @@ impl Recorder {
             return Err(Error::io(
                 path,
                 "write",
-                std::io::Error::new(std::io::ErrorKind::PermissionDenied, "the file is read-only (no write permission bits)"),
+                std::io::Error::new(
+                    std::io::ErrorKind::PermissionDenied,
+                    "the file is read-only (no write permission bits)",
+                ),
             ));
         }
         let file = FsOpenOptions::new()
@@ -97,7 +102,7 @@ impl Recorder {
             .truncate(false)
             .open(path)
             .map_err(|e| Error::io(path, "create", e))?;
-        file.lock().map_err(|e| Error::io(path, "lock", e))?;
+        super::source::lock_exclusive(path, &file, opts.wait)?;
         file.set_len(0).map_err(|e| Error::io(path, "truncate", e))?;
         // A sidecar left from an earlier file of this name describes nothing now.
         let sc = super::locate::sidecar_path(path);
@@ -158,7 +163,9 @@ impl Recorder {
         // in place. A larger item (a device section) takes the slow path.
         let p = data.len().min(PREFIX);
         self.buf.extend_from_slice(&data[..p]);
-        let Some(keep) = self.run_buffer(false) else { return Ok(()) };
+        let Some(keep) = self.run_buffer(false) else {
+            return Ok(());
+        };
         if keep >= base {
             self.buf.clear();
             let from = (keep - base) as usize;
@@ -189,7 +196,9 @@ impl Recorder {
                         fd,
                         (self.flushed - STEP) as i64,
                         STEP as i64,
-                        libc::SYNC_FILE_RANGE_WAIT_BEFORE | libc::SYNC_FILE_RANGE_WRITE | libc::SYNC_FILE_RANGE_WAIT_AFTER,
+                        libc::SYNC_FILE_RANGE_WAIT_BEFORE
+                            | libc::SYNC_FILE_RANGE_WRITE
+                            | libc::SYNC_FILE_RANGE_WAIT_AFTER,
                     );
                 }
             }
@@ -278,7 +287,10 @@ impl Recorder {
                 FormatError::new(
                     e.kind,
                     e.offset,
-                    format!("the stream stopped after {} bytes: {}; no directory was written", self.received, e.message),
+                    format!(
+                        "the stream stopped after {} bytes: {}; no directory was written",
+                        self.received, e.message
+                    ),
                 )
             } else {
                 FormatError::new(e.kind, e.offset, format!("{}; no directory was written", e.message))
@@ -323,7 +335,6 @@ impl Recorder {
             sidecar,
         })
     }
-
 }
 
 /// True when every FULL section's payload has the size the vmdesc gives.

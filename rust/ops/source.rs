@@ -1,10 +1,25 @@
-//! Byte sources: read-only memory maps of regular files.
+//! Byte sources of local files, and the locks that readers and writers take.
+//!
+//! A file is read through a memory map (the fast path, zero-copy views) or
+//! by positioned reads (`pread`), both [`ReadAt`] sources.
+//!
+//! Locks (advisory, `flock` on the file): a reader (an open `SaveFile`, a
+//! running `verify`) holds a shared lock for as long as it is open; a writer
+//! (`index`, `strip`, `record`) needs the exclusive lock. Writers queue
+//! behind each other on a second lock (an OFD byte-range lock far past any
+//! file's end, independent of `flock` on Linux), so that a writer that then
+//! cannot have the exclusive lock knows a reader holds the file: it fails at
+//! once, naming the reason, unless asked to wait. A reader that finds a
+//! writer at work fails at once too, unless asked to wait.
 
-use std::fs::File;
+use std::fs::{File, TryLockError};
+use std::os::unix::fs::FileExt;
 use std::path::Path;
 use std::sync::Arc;
 
 use memmap2::{Advice, Mmap};
+
+use crate::format::source::ReadAt;
 
 use super::error::{Error, Result};
 
@@ -12,7 +27,8 @@ use super::error::{Error, Result};
 ///
 /// A mapped file that another process truncates raises SIGBUS on access;
 /// savedir's own writers only append after the stream or truncate what lies
-/// after it, under an exclusive lock, and readers check sizes before use.
+/// after it, under an exclusive lock that no reader holds, and a mapping of
+/// a file that shrank anyway reads zeros (see `sigbus.rs`) and says so.
 #[derive(Debug)]
 pub struct Map {
     // Declared first: unregistered before the mapping goes away.
@@ -61,6 +77,51 @@ impl Map {
     }
 }
 
+impl ReadAt for Map {
+    fn size(&self) -> u64 {
+        self.len()
+    }
+
+    fn read_at(&self, at: u64, buf: &mut [u8]) -> std::io::Result<()> {
+        self.bytes().read_at(at, buf)
+    }
+
+    fn as_slice(&self) -> Option<&[u8]> {
+        Some(self.bytes())
+    }
+}
+
+/// Positioned reads on an open file, for where a mapping is a bad fit (a
+/// network file system, a file that others may truncate).
+#[derive(Debug)]
+pub struct FileSource {
+    file: File,
+    len: u64,
+}
+
+impl FileSource {
+    pub fn new(path: &Path, file: File) -> Result<Self> {
+        let len = file.metadata().map_err(|e| Error::io(path, "stat", e))?.len();
+        Ok(FileSource { file, len })
+    }
+
+    /// Says how the file changed since it was opened, if it shrank.
+    pub fn changed(&self) -> Option<String> {
+        let now = self.file.metadata().ok()?.len();
+        (now < self.len).then(|| format!("it shrank from {} to {now} bytes while savedir read it", self.len))
+    }
+}
+
+impl ReadAt for FileSource {
+    fn size(&self) -> u64 {
+        self.len
+    }
+
+    fn read_at(&self, at: u64, buf: &mut [u8]) -> std::io::Result<()> {
+        self.file.read_exact_at(buf, at)
+    }
+}
+
 /// Refuses anything but a regular file, before opening it (a FIFO would block).
 pub fn check_regular(path: &Path) -> Result<std::fs::Metadata> {
     let md = std::fs::metadata(path).map_err(|e| Error::io(path, "open", e))?;
@@ -102,7 +163,14 @@ pub fn map_file(path: &Path, file: &File) -> Result<Arc<Map>> {
 
 /// A shared lock on a file, released when dropped (the mapping keeps a
 /// descriptor of the same open file, which must not keep the lock).
+#[derive(Debug)]
 pub struct SharedLock(File);
+
+impl SharedLock {
+    pub fn file(&self) -> &File {
+        &self.0
+    }
+}
 
 impl Drop for SharedLock {
     fn drop(&mut self) {
@@ -110,13 +178,70 @@ impl Drop for SharedLock {
     }
 }
 
-/// Opens and maps a regular file read-only, with a shared lock held until
-/// the returned guard is dropped: savedir's own writers, which take an
-/// exclusive lock, wait until the reader is done.
-pub fn open_map(path: &Path) -> Result<(SharedLock, Arc<Map>)> {
+/// Takes the shared lock of a reader on `file`: at once, or (with `wait`)
+/// after the writer at work is done.
+pub fn lock_shared(path: &Path, file: File, wait: bool) -> Result<SharedLock> {
+    if wait {
+        file.lock_shared().map_err(|e| Error::io(path, "lock", e))?;
+        return Ok(SharedLock(file));
+    }
+    match file.try_lock_shared() {
+        Ok(()) => Ok(SharedLock(file)),
+        Err(TryLockError::WouldBlock) => Err(Error::Locked {
+            path: path.to_path_buf(),
+            message: "savedir is writing it in another process (index, strip or record); wait for it, or pass --wait"
+                .into(),
+        }),
+        Err(TryLockError::Error(e)) => Err(Error::io(path, "lock", e)),
+    }
+}
+
+/// Opens a regular file read-only with the shared lock of a reader held.
+pub fn open_locked(path: &Path, wait: bool) -> Result<SharedLock> {
     check_regular(path)?;
     let file = File::open(path).map_err(|e| Error::io(path, "open", e))?;
-    file.lock_shared().map_err(|e| Error::io(path, "lock", e))?;
-    let map = map_file(path, &file)?;
-    Ok((SharedLock(file), map))
+    lock_shared(path, file, wait)
+}
+
+/// Opens and maps a regular file read-only, with a shared lock held until
+/// the returned guard is dropped.
+pub fn open_map(path: &Path, wait: bool) -> Result<(SharedLock, Arc<Map>)> {
+    let lock = open_locked(path, wait)?;
+    let map = map_file(path, lock.file())?;
+    Ok((lock, map))
+}
+
+/// Where the writers' queue lock lies: one byte far past any file's end.
+const WRITER_BYTE: i64 = i64::MAX - 1;
+
+/// Takes the exclusive lock of a writer on `file` (opened for writing):
+/// after any other savedir writer (they queue), and at once or (with `wait`)
+/// after every reader is gone.
+pub fn lock_exclusive(path: &Path, file: &File, wait: bool) -> Result<()> {
+    use std::os::fd::AsRawFd;
+    // SAFETY: fcntl with a properly initialised `flock` on our own fd.
+    let rc = unsafe {
+        let mut fl: libc::flock = std::mem::zeroed();
+        fl.l_type = libc::F_WRLCK as libc::c_short;
+        fl.l_whence = libc::SEEK_SET as libc::c_short;
+        fl.l_start = WRITER_BYTE;
+        fl.l_len = 1;
+        libc::fcntl(file.as_raw_fd(), libc::F_OFD_SETLKW, &fl)
+    };
+    if rc != 0 {
+        return Err(Error::io(path, "lock", std::io::Error::last_os_error()));
+    }
+    if wait {
+        return file.lock().map_err(|e| Error::io(path, "lock", e));
+    }
+    match file.try_lock() {
+        Ok(()) => Ok(()),
+        Err(TryLockError::WouldBlock) => Err(Error::Locked {
+            path: path.to_path_buf(),
+            message: "a reader holds it open (a savedir.open() in another process or thread, or a running verify); \
+                      close it first, or pass --wait"
+                .into(),
+        }),
+        Err(TryLockError::Error(e)) => Err(Error::io(path, "lock", e)),
+    }
 }

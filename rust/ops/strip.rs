@@ -17,6 +17,8 @@ pub struct StripOptions {
     pub force: bool,
     /// Where the stream starts, when it cannot be found by itself.
     pub offset: Option<u64>,
+    /// Wait for readers of the file to close it, instead of failing.
+    pub wait: bool,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -31,15 +33,16 @@ pub struct StripReport {
 }
 
 pub fn strip(path: &Path, opts: &StripOptions) -> Result<StripReport> {
-    let file = open_for_writing(path)?;
+    let file = open_for_writing(path, opts.wait)?;
     let map = map_file(path, &file)?;
     let data = map.bytes();
     let len = data.len() as u64;
-    let stream_start = locate(path, data, opts.offset)?.stream_start;
+    let view = View::appended(&*map);
+    let stream_start = locate(path, &view, opts.offset)?.stream_start;
 
     let appended = DirSource { sidecar: None };
-    let end = if directory::check_trailer(&View::appended(data)).is_ok() {
-        check_directory(&appended, data, stream_start).ok().map(|d| d.trailer.dir)
+    let end = if directory::check_trailer(&view).is_ok() {
+        check_directory(&appended, &view, stream_start).ok().map(|d| d.trailer.dir)
     } else {
         None
     };
@@ -47,7 +50,11 @@ pub fn strip(path: &Path, opts: &StripOptions) -> Result<StripReport> {
         Some(d) => d,
         None => {
             // Find the stream's real end by parsing it; never trust the tail.
-            let s = map.check(path, stream::parse(data, ParseOptions::new(stream_start, super::locate::end_hint(data))).map_err(|e| Error::format(path, e)))?;
+            let s = map.check(
+                path,
+                stream::parse(data, ParseOptions::new(stream_start, super::locate::end_hint(&*map)))
+                    .map_err(|e| Error::format(path, e)),
+            )?;
             if s.end < len && data[s.end as usize] != tag::DIRECTORY && !opts.force {
                 return Err(Error::TrailingData {
                     path: path.to_path_buf(),
@@ -58,6 +65,7 @@ pub fn strip(path: &Path, opts: &StripOptions) -> Result<StripReport> {
             s.end
         }
     };
+    drop(view);
     drop(map);
     if end < len {
         file.set_len(end).map_err(|e| Error::io(path, "truncate", e))?;

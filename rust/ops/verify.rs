@@ -3,12 +3,14 @@
 use std::path::{Path, PathBuf};
 
 use crate::format::directory::{Check, CheckError, Directory, View};
+use crate::format::source::{Limit, ReadAt, SourceError};
 use crate::format::stream::{self, describe, ParseOptions};
 
 use super::checksum::crc32c_extents;
-use super::error::Result;
+use super::error::{Error, Result};
+use super::locate::{check_or_read_error, check_structure, cross_check, find_directory, locate, DirSource};
+use super::open::SaveFile;
 use super::progress::Progress;
-use super::locate::{check_structure, cross_check, find_directory, locate, DirSource};
 use super::source::open_map;
 
 /// The outcome of verifying one file.
@@ -26,54 +28,67 @@ pub struct VerifyReport {
 }
 
 /// Verifies `path`. I/O errors are `Err`; a file that fails a check is an
-/// `Ok` report with `ok == false`.
-pub fn verify(path: &Path, deep: bool, progress: bool, offset: Option<u64>) -> Result<VerifyReport> {
-    let (_file, map) = open_map(path)?;
-    let data = map.bytes();
-    let stream_start = match locate(path, data, offset) {
+/// `Ok` report with `ok == false`. The shared lock of a reader is held
+/// while it runs.
+pub fn verify(path: &Path, deep: bool, progress: bool, offset: Option<u64>, wait: bool) -> Result<VerifyReport> {
+    let (_lock, map) = open_map(path, wait)?;
+    let stream_start = match locate(path, &View::appended(&*map), offset) {
         Ok(l) => l.stream_start,
         // Not a stream at all: checks 1-3 will say what is wrong with it.
         Err(_) => offset.unwrap_or(0),
     };
-    let src = find_directory(path, data)?.unwrap_or(DirSource { sidecar: None });
+    let src = find_directory(path, &*map)?.unwrap_or_default();
     if deep {
         map.advise_sequential();
     }
     let meter = Progress::new(progress && deep, format!("{}: verifying", path.display()), map.len());
-    let r = verify_source(path, &src, data, stream_start, deep, &meter);
-    map.check(path, Ok(r))
+    let r = verify_source(path, &src, &*map, stream_start, deep, &meter);
+    map.check(path, r)
+}
+
+/// Verifies a file that is open already.
+pub fn verify_open(f: &SaveFile, deep: bool, progress: bool) -> Result<VerifyReport> {
+    let meter = Progress::new(progress && deep, format!("{}: verifying", f.path.display()), f.source.size());
+    let r = verify_source(&f.path, &f.dir_source(), &*f.source, f.stream_start, deep, &meter);
+    f.check_changed()?;
+    r
 }
 
 /// Runs the checks on a file's bytes and its directory source.
 pub fn verify_source(
     path: &Path,
     src: &DirSource,
-    data: &[u8],
+    data: &dyn ReadAt,
     stream_start: u64,
     deep: bool,
     meter: &Progress,
-) -> VerifyReport {
+) -> Result<VerifyReport> {
     let mut entries = 0;
-    let res = (|| -> std::result::Result<(), CheckError> {
-        let dir = check_structure(src, data, stream_start).map_err(|mut e| {
-            if e.check == Check::Trailer && src.sidecar.is_none() {
-                e.message = format!("no section directory: {}", e.message);
-            }
-            e
-        })?;
-        entries = dir.entries.len();
-        if !deep {
-            return cross_check(src, data, &dir, stream_start);
+    let view = src.view(data);
+    let structure = check_structure(src, &view, stream_start).map_err(|mut e| {
+        if e.check == Check::Trailer && src.sidecar.is_none() {
+            e.message = format!("no section directory: {}", e.message);
         }
-        // The long sequential read first: reading one header per entry
-        // across a cold file before it would defeat the kernel's read-ahead.
-        // Failures are still reported in the checks' order.
-        let deep_res = deep_check(&src.view(data), &dir, stream_start, meter);
-        cross_check(src, data, &dir, stream_start)?;
-        deep_res
-    })();
+        e
+    });
+    let res = match structure {
+        Err(e) => Err(e),
+        Ok(dir) if !deep => {
+            entries = dir.entries.len();
+            cross_check(src, &view, &dir, stream_start)
+        }
+        Ok(dir) => {
+            entries = dir.entries.len();
+            // The long sequential read first: reading one header per entry
+            // across a cold file before it would defeat the kernel's
+            // read-ahead. Failures are still reported in the checks' order.
+            let deep_res = deep_check(path, data, &dir, stream_start, meter)?;
+            cross_check(src, &view, &dir, stream_start).and(deep_res)
+        }
+    };
     meter.finish();
-    match res {
+    let res = check_or_read_error(path, &view, res)?;
+    Ok(match res {
         Ok(()) => VerifyReport {
             path: path.to_path_buf(),
             ok: true,
@@ -96,21 +111,64 @@ pub fn verify_source(
             entries,
             deep,
         },
+    })
+}
+
+/// CRC-32C of extents in file order, fed with the bytes as they are read.
+struct RunningCrcs {
+    extents: Vec<(u64, u64)>,
+    crcs: Vec<u32>,
+    next: usize,
+}
+
+impl RunningCrcs {
+    fn feed(&mut self, at: u64, bytes: &[u8]) {
+        let end = at + bytes.len() as u64;
+        while let Some(&(s, e)) = self.extents.get(self.next) {
+            if s >= end {
+                return;
+            }
+            let (a, b) = (s.max(at), e.min(end));
+            if a < b {
+                self.crcs[self.next] =
+                    crc32c::crc32c_append(self.crcs[self.next], &bytes[(a - at) as usize..(b - at) as usize]);
+            }
+            if e > end {
+                return;
+            }
+            self.next += 1;
+        }
     }
 }
 
 /// Check 4: parse the stream and compare it with the directory; checksums.
-fn deep_check(view: &View, dir: &Directory, stream_start: u64, meter: &Progress) -> std::result::Result<(), CheckError> {
-    let fail = |at: u64, m: String| Err(CheckError::new(Check::Deep, Some(at), m));
+/// The outer `Err` is a source that could not be read; the inner one a
+/// stream that does not match its directory.
+fn deep_check(
+    path: &Path,
+    data: &dyn ReadAt,
+    dir: &Directory,
+    stream_start: u64,
+    meter: &Progress,
+) -> Result<std::result::Result<(), CheckError>> {
+    let fail = |at: u64, m: String| Ok(Err(CheckError::new(Check::Deep, Some(at), m)));
     let t = dir.trailer;
-    // The stream lies wholly in the head of the view.
-    let data = &view.head[..(t.dir.min(view.head.len() as u64)) as usize];
+    // The stream lies wholly in the data file, before the directory.
+    let stream = Limit { src: data, len: t.dir };
+    let extents = dir.extents();
+    let with_crc: Vec<usize> = (0..dir.entries.len()).filter(|&i| dir.entries[i].crc32c.is_some()).collect();
+    let ext: Vec<(u64, u64)> = with_crc.iter().map(|&i| extents[i]).collect();
+    let mut running = RunningCrcs { crcs: vec![0; ext.len()], extents: ext.clone(), next: 0 };
+    let mut feed = |at: u64, b: &[u8]| running.feed(at, b);
     let mut tick = |at: u64| meter.set(at);
     let mut popts = ParseOptions::new(stream_start, t.dir);
     popts.progress = Some(&mut tick);
-    let s = match stream::parse(data, popts) {
+    // A slice is parsed whole and checksummed in parallel below; any other
+    // source is read once, its checksums computed as the windows pass.
+    let s = match stream::parse_source(&stream, popts, Some(&mut feed)) {
         Ok(s) => s,
-        Err(e) => return fail(e.offset, format!("the stream does not parse: {}", e.message)),
+        Err(SourceError::Format(e)) => return fail(e.offset, format!("the stream does not parse: {}", e.message)),
+        Err(e) => return Err(Error::source(path, e)),
     };
     if s.eof != t.eof {
         return fail(s.eof, format!("the stream's EOF byte is at {}, the directory says {}", s.eof, t.eof));
@@ -118,30 +176,44 @@ fn deep_check(view: &View, dir: &Directory, stream_start: u64, meter: &Progress)
     if s.end != t.dir {
         return fail(s.end, format!("the stream ends at {}, the directory starts at {}", s.end, t.dir));
     }
-    let extents = dir.extents();
     for (i, item) in s.items.iter().enumerate() {
         let Some(e) = dir.entries.get(i) else {
             return fail(item.offset, format!("the stream has {} here, which the directory lacks", describe(item)));
         };
-        if e.kind != item.kind || e.ptr != item.offset {
+        if e.kind != item.kind || e.offset != item.offset {
             return fail(
-                item.offset.min(e.ptr),
-                format!("the stream has {} at {}, the directory has a {} entry at {}", describe(item), item.offset, e.kind.as_str(), e.ptr),
+                item.offset.min(e.offset),
+                format!(
+                    "the stream has {} at {}, the directory has a {} entry at {}",
+                    describe(item),
+                    item.offset,
+                    e.kind.as_str(),
+                    e.offset
+                ),
             );
         }
         if extents[i] != (item.offset, item.end) {
             return fail(
                 item.end.min(extents[i].1),
-                format!("{} ends at {}, but the directory's next pointer says {}", describe(item), item.end, extents[i].1),
+                format!(
+                    "{} ends at {}, but the directory's next pointer says {}",
+                    describe(item),
+                    item.end,
+                    extents[i].1
+                ),
             );
         }
     }
     if let Some(e) = dir.entries.get(s.items.len()) {
-        return fail(e.ptr, format!("the directory has a {} entry at {} that the stream lacks", e.kind.as_str(), e.ptr));
+        return fail(
+            e.offset,
+            format!("the directory has a {} entry at {} that the stream lacks", e.kind.as_str(), e.offset),
+        );
     }
-    let with_crc: Vec<usize> = (0..dir.entries.len()).filter(|&i| dir.entries[i].crc32c.is_some()).collect();
-    let ext: Vec<(u64, u64)> = with_crc.iter().map(|&i| extents[i]).collect();
-    let got = crc32c_extents(data, &ext, meter);
+    let got = match stream.as_slice() {
+        Some(data) => crc32c_extents(data, &ext, meter),
+        None => running.crcs,
+    };
     for (&i, c) in with_crc.iter().zip(got) {
         let want = dir.entries[i].crc32c.expect("filtered above");
         if c != want {
@@ -157,5 +229,5 @@ fn deep_check(view: &View, dir: &Directory, stream_start: u64, meter: &Progress)
             );
         }
     }
-    Ok(())
+    Ok(Ok(()))
 }

@@ -24,6 +24,8 @@ fn class_name(e: &Error) -> &'static str {
         Error::TrailingData { .. } => "TrailingDataError",
         Error::NotFound { .. } => "SectionNotFoundError",
         Error::Changed { .. } => "FileChangedError",
+        Error::Locked { .. } => "FileLockedError",
+        Error::Read { .. } => "OSError",
     }
 }
 

@@ -6,11 +6,12 @@ use std::path::PathBuf;
 use std::sync::Arc;
 
 use pyo3::exceptions::PyValueError;
-use pyo3::prelude::*;
-use pyo3::types::{PyDict, PyList, PyMemoryView};
 use pyo3::ffi;
+use pyo3::prelude::*;
+use pyo3::types::{PyBytes, PyDict, PyList, PyMemoryView};
 
-use crate::format::command_name;
+use crate::format::source::{read_vec, ReadAt};
+use crate::format::{command_name, Kind};
 use crate::ops::{self, Map};
 
 mod errors;
@@ -34,10 +35,10 @@ impl Buffer {
         let bytes = &this.map.bytes()[this.start..this.start + this.len];
         // PyBuffer_FillInfo refuses writable requests for read-only data and
         // keeps a reference to `slf`, which keeps the mapping alive.
-        let ptr = if bytes.is_empty() { std::ptr::NonNull::<u8>::dangling().as_ptr() } else { bytes.as_ptr() as *mut u8 };
-        let rc = unsafe {
-            ffi::PyBuffer_FillInfo(view, slf.as_ptr(), ptr.cast(), bytes.len() as ffi::Py_ssize_t, 1, flags)
-        };
+        let ptr =
+            if bytes.is_empty() { std::ptr::NonNull::<u8>::dangling().as_ptr() } else { bytes.as_ptr() as *mut u8 };
+        let rc =
+            unsafe { ffi::PyBuffer_FillInfo(view, slf.as_ptr(), ptr.cast(), bytes.len() as ffi::Py_ssize_t, 1, flags) };
         if rc == -1 {
             return Err(PyErr::fetch(slf.py()));
         }
@@ -66,11 +67,47 @@ fn memoryview<'py>(py: Python<'py>, map: &Arc<Map>, start: u64, end: u64) -> PyR
     PyMemoryView::from(b.bind(py).as_any())
 }
 
+/// Where the bytes of an open file come from, as the Python objects that
+/// outlive the `SaveFile` (entries, views) need them: the mapping for
+/// zero-copy views, else the source to read from.
+#[derive(Clone)]
+struct Bytes {
+    path: PathBuf,
+    map: Option<Arc<Map>>,
+    source: Arc<dyn ReadAt>,
+}
+
+impl Bytes {
+    fn of(f: &ops::SaveFile) -> Self {
+        Bytes { path: f.path.clone(), map: f.map().cloned(), source: f.source.clone() }
+    }
+
+    /// Bytes `start..end` as a read-only memoryview: zero-copy into the
+    /// mapping, else read (without the GIL) into a new bytes object.
+    fn view<'py>(&self, py: Python<'py>, start: u64, end: u64) -> PyResult<Bound<'py, PyMemoryView>> {
+        if let Some(map) = &self.map {
+            if let Some(message) = map.changed() {
+                return Err(to_pyerr(py, ops::Error::Changed { path: self.path.clone(), message }));
+            }
+            return memoryview(py, map, start, end);
+        }
+        let size = self.source.size();
+        if start > end || end > size {
+            return Err(PyValueError::new_err(format!("range {start}..{end} is outside the file ({size} bytes)")));
+        }
+        let src = self.source.clone();
+        let data = py
+            .detach(move || read_vec(&*src, start, end - start))
+            .map_err(|e| to_pyerr(py, ops::Error::source(&self.path, e)))?;
+        PyMemoryView::from(PyBytes::new(py, &data).as_any())
+    }
+}
+
 /// One top-level item of a stream (a directory entry).
 #[pyclass(frozen, module = "savedir._core")]
 pub struct Entry {
     e: ops::Entry,
-    map: Arc<Map>,
+    bytes: Bytes,
 }
 
 #[pymethods]
@@ -117,11 +154,11 @@ impl Entry {
     }
     #[getter]
     fn command(&self) -> Option<u16> {
-        (self.e.kind == crate::format::Kind::Command).then_some(self.e.command)
+        (self.e.kind == Kind::Command).then_some(self.e.command)
     }
     #[getter]
     fn command_name(&self) -> Option<&'static str> {
-        (self.e.kind == crate::format::Kind::Command).then(|| command_name(self.e.command))
+        (self.e.kind == Kind::Command).then(|| command_name(self.e.command))
     }
     #[getter]
     fn crc32c(&self) -> Option<u32> {
@@ -130,112 +167,270 @@ impl Entry {
     /// The whole extent (header, payload and footer) as a read-only memoryview.
     #[getter]
     fn data<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyMemoryView>> {
-        memoryview(py, &self.map, self.e.offset, self.e.end)
+        self.bytes.view(py, self.e.offset, self.e.end)
     }
     /// The payload only, between header and footer, as a read-only memoryview.
     #[getter]
     fn payload<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyMemoryView>> {
-        memoryview(py, &self.map, self.e.payload_start(), self.e.payload_end())
+        self.bytes.view(py, self.e.payload_start(), self.e.payload_end())
+    }
+    /// The entry as `savedir ls --json` prints it.
+    fn to_dict<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyDict>> {
+        let d = PyDict::new(py);
+        d.set_item("kind", self.kind())?;
+        d.set_item("offset", self.e.offset)?;
+        d.set_item("size", self.e.size())?;
+        if self.e.kind.is_section() {
+            d.set_item("section_id", self.e.section_id)?;
+            d.set_item("name", self.name())?;
+            d.set_item("instance_id", self.e.instance_id)?;
+            d.set_item("version_id", self.e.version_id)?;
+        }
+        if self.e.kind == Kind::Command {
+            d.set_item("command", self.e.command)?;
+            d.set_item("command_name", command_name(self.e.command))?;
+        }
+        if let Some(c) = self.e.crc32c {
+            d.set_item("crc32c", c)?;
+        }
+        Ok(d)
+    }
+    fn __repr__(&self) -> String {
+        format!("<savedir.Entry {} at offset {} ({} bytes)>", self.e.header.describe(), self.e.offset, self.e.size())
+    }
+    fn __eq__(&self, other: &Self) -> bool {
+        self.e == other.e
     }
 }
 
+/// A byte source over a Python binary file object (`seek` and `read`):
+/// `io.BytesIO`, an open file, an fsspec file. Each read takes the GIL in
+/// the thread that reads; the object's position is guarded by a lock that
+/// is only ever taken while the GIL is not held (every read runs detached),
+/// so no thread that holds the GIL waits on it.
+struct PySource {
+    obj: Py<PyAny>,
+    size: u64,
+    pos: std::sync::Mutex<()>,
+}
+
+impl PySource {
+    fn new(obj: &Bound<'_, PyAny>) -> PyResult<Self> {
+        let size: u64 = obj.call_method1("seek", (0, 2))?.extract()?;
+        Ok(PySource { obj: obj.clone().unbind(), size, pos: std::sync::Mutex::new(()) })
+    }
+}
+
+impl ReadAt for PySource {
+    fn size(&self) -> u64 {
+        self.size
+    }
+
+    fn read_at(&self, at: u64, buf: &mut [u8]) -> std::io::Result<()> {
+        let _g = self.pos.lock().unwrap_or_else(|e| e.into_inner());
+        Python::attach(|py| -> PyResult<std::io::Result<()>> {
+            let obj = self.obj.bind(py);
+            obj.call_method1("seek", (at,))?;
+            let mut got = 0;
+            while got < buf.len() {
+                let chunk = obj.call_method1("read", (buf.len() - got,))?;
+                let chunk = chunk.cast_into::<PyBytes>().map_err(PyErr::from)?;
+                let b = chunk.as_bytes();
+                if b.is_empty() {
+                    return Ok(Err(std::io::Error::new(
+                        std::io::ErrorKind::UnexpectedEof,
+                        "the file object ended early",
+                    )));
+                }
+                let n = b.len().min(buf.len() - got);
+                buf[got..got + n].copy_from_slice(&b[..n]);
+                got += n;
+            }
+            Ok(Ok(()))
+        })
+        .unwrap_or_else(|e| Err(std::io::Error::other(format!("the file object's read failed: {e}"))))
+    }
+
+    fn request_gap(&self) -> u64 {
+        1 << 20
+    }
+}
+
+/// The name of a file object for messages: its `name`, else its type.
+fn object_name(obj: &Bound<'_, PyAny>) -> PathBuf {
+    if let Ok(n) = obj.getattr("name").and_then(|n| n.str().map(|s| s.to_string())) {
+        return PathBuf::from(n);
+    }
+    let t = obj.get_type().name().map(|n| n.to_string()).unwrap_or_else(|_| "file object".into());
+    PathBuf::from(format!("<{t}>"))
+}
+
 /// An open save file.
-#[pyclass(frozen, module = "savedir._core")]
+#[pyclass(frozen, subclass, module = "savedir._core")]
 pub struct SaveFile {
-    f: Arc<ops::SaveFile>,
+    f: std::sync::Mutex<Option<Arc<ops::SaveFile>>>,
+}
+
+impl SaveFile {
+    /// The open file; the lock is held only for the clone, never across a
+    /// GIL release.
+    fn get(&self) -> PyResult<Arc<ops::SaveFile>> {
+        let g = self.f.lock().unwrap_or_else(|e| e.into_inner());
+        g.clone().ok_or_else(|| PyValueError::new_err("I/O operation on a closed save file"))
+    }
 }
 
 #[pymethods]
 impl SaveFile {
-    #[getter]
-    fn path(&self) -> PathBuf {
-        self.f.path.clone()
+    #[new]
+    #[pyo3(signature = (source, *, scan=false, progress=false, offset=None, mmap=true, wait=false))]
+    fn new(
+        py: Python<'_>,
+        source: &Bound<'_, PyAny>,
+        scan: bool,
+        progress: bool,
+        offset: Option<u64>,
+        mmap: bool,
+        wait: bool,
+    ) -> PyResult<Self> {
+        let opts = ops::OpenOptions { scan, progress, offset, mmap, wait };
+        let f = if source.hasattr("read")? && source.hasattr("seek")? {
+            let name = object_name(source);
+            let src: Arc<dyn ReadAt> = Arc::new(PySource::new(source)?);
+            py.detach(|| ops::open::open_source(&name, src, ops::open::Backing::Other, None, &opts))
+        } else {
+            let path: PathBuf = source.extract()?;
+            py.detach(|| ops::open(&path, &opts))
+        }
+        .map_err(|e| to_pyerr(py, e))?;
+        Ok(SaveFile { f: std::sync::Mutex::new(Some(Arc::new(f))) })
+    }
+
+    /// Releases the file: its reader's lock and this object's hold on the
+    /// bytes. Entries and views handed out stay readable.
+    fn close(&self) {
+        let f = self.f.lock().unwrap_or_else(|e| e.into_inner()).take();
+        drop(f);
     }
     #[getter]
-    fn indexed(&self) -> bool {
-        self.f.indexed
+    fn closed(&self) -> bool {
+        self.f.lock().unwrap_or_else(|e| e.into_inner()).is_none()
+    }
+    fn __enter__(slf: Py<Self>) -> Py<Self> {
+        slf
+    }
+    #[pyo3(signature = (*_exc))]
+    fn __exit__(&self, _exc: &Bound<'_, pyo3::types::PyTuple>) {
+        self.close();
     }
     #[getter]
-    fn stream_start(&self) -> u64 {
-        self.f.stream_start
+    fn path(&self) -> PyResult<String> {
+        Ok(self.get()?.path.to_string_lossy().into_owned())
     }
     #[getter]
-    fn stream_end(&self) -> u64 {
-        self.f.stream_end
+    fn indexed(&self) -> PyResult<bool> {
+        Ok(self.get()?.indexed)
     }
     #[getter]
-    fn eof(&self) -> u64 {
-        self.f.eof
+    fn stream_start(&self) -> PyResult<u64> {
+        Ok(self.get()?.stream_start)
     }
     #[getter]
-    fn file_size(&self) -> u64 {
-        self.f.map.len()
+    fn stream_end(&self) -> PyResult<u64> {
+        Ok(self.get()?.stream_end)
     }
     #[getter]
-    fn footers(&self) -> bool {
-        self.f.footers
+    fn eof(&self) -> PyResult<u64> {
+        Ok(self.get()?.eof)
     }
     #[getter]
-    fn machine_type(&self) -> Option<&str> {
-        self.f.machine_type.as_deref()
+    fn file_size(&self) -> PyResult<u64> {
+        Ok(self.get()?.source.size())
     }
     #[getter]
-    fn directory_offset(&self) -> Option<u64> {
-        self.f.trailer.map(|t| t.dir)
+    fn footers(&self) -> PyResult<bool> {
+        Ok(self.get()?.footers)
     }
+    #[getter]
+    fn machine_type(&self) -> PyResult<Option<String>> {
+        Ok(self.get()?.machine_type.clone())
+    }
+    #[getter]
+    fn directory_offset(&self) -> PyResult<Option<u64>> {
+        Ok(self.get()?.trailer.map(|t| t.dir))
+    }
+    /// True when the file is read through a memory map (zero-copy views).
+    #[getter]
+    fn mapped(&self) -> PyResult<bool> {
+        Ok(self.get()?.map().is_some())
+    }
+    /// None while the file is as it was opened; else what changed (views
+    /// handed out before a truncation read zeros past the new end).
+    #[getter]
+    fn changed(&self) -> PyResult<Option<String>> {
+        Ok(self.get()?.changed())
+    }
+    #[getter]
     fn entries<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyList>> {
-        let items = self
-            .f
+        let f = self.get()?;
+        let bytes = Bytes::of(&f);
+        let items = f
             .entries
             .iter()
-            .map(|e| Py::new(py, Entry { e: e.clone(), map: self.f.map.clone() }))
+            .map(|e| Py::new(py, Entry { e: e.clone(), bytes: bytes.clone() }))
             .collect::<PyResult<Vec<_>>>()?;
         PyList::new(py, items)
     }
     /// Entries of one section: a FULL, or a START with its PARTs and END.
     #[pyo3(signature = (name, instance=None))]
     fn find<'py>(&self, py: Python<'py>, name: &str, instance: Option<u32>) -> PyResult<Bound<'py, PyList>> {
-        let found = self.f.find(name, instance).map_err(|e| to_pyerr(py, e))?;
+        let f = self.get()?;
+        let bytes = Bytes::of(&f);
+        let found = f.find(name, instance).map_err(|e| to_pyerr(py, e))?;
         let items = found
             .into_iter()
-            .map(|e| Py::new(py, Entry { e: e.clone(), map: self.f.map.clone() }))
+            .map(|e| Py::new(py, Entry { e: e.clone(), bytes: bytes.clone() }))
             .collect::<PyResult<Vec<_>>>()?;
         PyList::new(py, items)
     }
-    /// The vmdesc JSON as a read-only memoryview, or None.
+    /// The vmdesc JSON bytes as QEMU wrote them (read-only), or None.
+    #[getter]
     fn vmdesc_json<'py>(&self, py: Python<'py>) -> PyResult<Option<Bound<'py, PyMemoryView>>> {
-        match self.f.vmdesc {
-            Some(v) => Ok(Some(memoryview(py, &self.f.map, v.offset + 5, v.end())?)),
+        let f = self.get()?;
+        match f.vmdesc {
+            Some(v) => Ok(Some(Bytes::of(&f).view(py, v.offset + 5, v.end())?)),
             None => Ok(None),
         }
     }
     /// Offset of the vmdesc's type byte, or None.
-    fn vmdesc_offset(&self) -> Option<u64> {
-        self.f.vmdesc.map(|v| v.offset)
+    #[getter]
+    fn vmdesc_offset(&self) -> PyResult<Option<u64>> {
+        Ok(self.get()?.vmdesc.map(|v| v.offset))
     }
-    /// Bytes `start..end` of the file as a read-only, zero-copy memoryview.
+    /// Bytes `start..end` of the file as a read-only memoryview (zero-copy
+    /// when the file is mapped).
     fn view<'py>(&self, py: Python<'py>, start: u64, end: u64) -> PyResult<Bound<'py, PyMemoryView>> {
-        memoryview(py, &self.f.map, start, end)
+        Bytes::of(&*self.get()?).view(py, start, end)
     }
-    /// Runs checks 1–3 (and 4 with `deep`) on the mapping this object holds.
-    #[pyo3(signature = (deep=false, progress=false))]
-    fn verify<'py>(&self, py: Python<'py>, deep: bool, progress: bool) -> PyResult<Bound<'py, PyDict>> {
-        let f = self.f.clone();
-        let r = py.detach(move || {
-            let meter = ops::Progress::new(progress && deep, format!("{}: verifying", f.path.display()), f.map.len());
-            let r = ops::verify::verify_source(&f.path, &f.dir_source(), f.map.bytes(), f.stream_start, deep, &meter);
-            f.map.check(&f.path, Ok(r))
-        });
-        verify_dict(py, &r.map_err(|e| to_pyerr(py, e))?)
+    /// Verifies the directory of this open file (see `savedir.verify`).
+    #[pyo3(signature = (*, deep=false, progress=false))]
+    fn verify(&self, py: Python<'_>, deep: bool, progress: bool) -> PyResult<VerifyResult> {
+        let f = self.get()?;
+        let r = py.detach(move || ops::verify::verify_open(&f, deep, progress)).map_err(|e| to_pyerr(py, e))?;
+        Ok(VerifyResult::from(r))
     }
     /// The sidecar the directory was read from, or None.
     #[getter]
-    fn sidecar(&self) -> Option<PathBuf> {
-        self.f.sidecar.as_ref().map(|(p, _)| p.clone())
+    fn sidecar(&self) -> PyResult<Option<String>> {
+        Ok(self.get()?.sidecar.as_ref().map(|(p, _)| p.to_string_lossy().into_owned()))
     }
     /// What wraps the stream: None, or a dict describing a libvirt header.
+    #[getter]
     fn container<'py>(&self, py: Python<'py>) -> PyResult<Option<Bound<'py, PyDict>>> {
-        let Some(h) = &self.f.located.libvirt else { return Ok(None) };
+        let f = self.get()?;
+        let Some(h) = &f.located.libvirt else {
+            return Ok(None);
+        };
         let d = PyDict::new(py);
         d.set_item("kind", "libvirt")?;
         d.set_item("version", h.version)?;
@@ -247,89 +442,189 @@ impl SaveFile {
     }
     /// True when the stream was found by scanning for its magic.
     #[getter]
-    fn stream_found_by_scan(&self) -> bool {
-        self.f.located.scanned
+    fn stream_found_by_scan(&self) -> PyResult<bool> {
+        Ok(self.get()?.located.scanned)
     }
 }
 
-fn verify_dict<'py>(py: Python<'py>, r: &ops::VerifyReport) -> PyResult<Bound<'py, PyDict>> {
-    let d = PyDict::new(py);
-    d.set_item("path", r.path.to_string_lossy())?;
-    d.set_item("ok", r.ok)?;
-    d.set_item("check", r.check.map(|c| c.as_str()))?;
-    d.set_item("offset", r.offset)?;
-    d.set_item("message", &r.message)?;
-    d.set_item("entries", r.entries)?;
-    d.set_item("deep", r.deep)?;
-    Ok(d)
+fn lossy(p: &std::path::Path) -> String {
+    p.to_string_lossy().into_owned()
 }
 
-/// Opens a save file (through its directory, or by parsing the stream).
-#[pyfunction]
-#[pyo3(signature = (path, scan=false, progress=false, offset=None))]
-fn open(py: Python<'_>, path: PathBuf, scan: bool, progress: bool, offset: Option<u64>) -> PyResult<SaveFile> {
-    let opts = ops::OpenOptions { scan, progress, offset };
-    let f = py.detach(|| ops::open(&path, &opts)).map_err(|e| to_pyerr(py, e))?;
-    Ok(SaveFile { f: Arc::new(f) })
+/// Declares a frozen result class: its fields (read-only attributes),
+/// equality, `to_dict()` with every field, and a `repr` like a dataclass's.
+macro_rules! result_class {
+    ($(#[$doc:meta])* $name:ident { $($(#[$fdoc:meta])* $field:ident: $ty:ty),* $(,)? } $($extra:item)*) => {
+        $(#[$doc])*
+        #[pyclass(frozen, eq, module = "savedir._core")]
+        #[derive(Clone, Debug, PartialEq, Eq)]
+        pub struct $name {
+            $($(#[$fdoc])* #[pyo3(get)] $field: $ty,)*
+        }
+
+        #[pymethods]
+        impl $name {
+            /// Every field, by name.
+            fn to_dict<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyDict>> {
+                let d = PyDict::new(py);
+                $(d.set_item(stringify!($field), self.$field.clone())?;)*
+                Ok(d)
+            }
+            fn __repr__(&self, py: Python<'_>) -> PyResult<String> {
+                let mut parts: Vec<String> = Vec::new();
+                $(parts.push(format!("{}={}", stringify!($field), self.$field.clone().into_pyobject(py)?.repr()?));)*
+                Ok(format!("{}({})", stringify!($name), parts.join(", ")))
+            }
+            $($extra)*
+        }
+    };
+}
+
+result_class! {
+    /// What `index` did to one file.
+    IndexResult {
+        path: String,
+        /// False when the file already had a valid directory and was left as it was.
+        written: bool,
+        entries: usize,
+        /// Where the directory starts: the stream's end.
+        directory_offset: u64,
+        directory_size: u64,
+        /// Bytes after the stream that `force=True` replaced.
+        replaced: u64,
+        /// The sidecar directory (`FILE.savedir`) written or found, if any.
+        sidecar: Option<String>,
+    }
+}
+
+result_class! {
+    /// The outcome of `verify` for one file. `check` names the first check
+    /// that failed ("trailer", "directory", "cross-check" or "deep"),
+    /// `offset` where; a result is true when the file is valid.
+    VerifyResult {
+        path: String,
+        ok: bool,
+        check: Option<&'static str>,
+        offset: Option<u64>,
+        message: String,
+        entries: usize,
+        deep: bool,
+    }
+    fn __bool__(&self) -> bool {
+        self.ok
+    }
+}
+
+result_class! {
+    /// What `strip` did to one file.
+    StripResult {
+        path: String,
+        /// Bytes removed; 0 when the file already ended with the stream.
+        removed: u64,
+        stream_end: u64,
+        /// The sidecar directory that was deleted, if any.
+        sidecar: Option<String>,
+    }
+}
+
+result_class! {
+    /// What a finished recording wrote.
+    RecordResult {
+        path: String,
+        stream_size: u64,
+        entries: usize,
+        directory_offset: u64,
+        directory_size: u64,
+        /// True when device sections had to be re-read from the file: a
+        /// footer's bytes inside device data fooled the one-pass parse (rare).
+        reread: bool,
+        /// The sidecar directory written, if any.
+        sidecar: Option<String>,
+    }
+}
+
+impl From<ops::VerifyReport> for VerifyResult {
+    fn from(r: ops::VerifyReport) -> Self {
+        VerifyResult {
+            path: lossy(&r.path),
+            ok: r.ok,
+            check: r.check.map(|c| c.as_str()),
+            offset: r.offset,
+            message: r.message,
+            entries: r.entries,
+            deep: r.deep,
+        }
+    }
+}
+
+impl From<ops::RecordReport> for RecordResult {
+    fn from(r: ops::RecordReport) -> Self {
+        RecordResult {
+            path: lossy(&r.path),
+            stream_size: r.stream_size,
+            entries: r.entries,
+            directory_offset: r.directory_offset,
+            directory_size: r.directory_len,
+            reread: r.reread,
+            sidecar: r.sidecar.as_deref().map(lossy),
+        }
+    }
 }
 
 /// Appends a section directory.
 #[pyfunction]
-#[pyo3(signature = (path, force=false, checksums=true, progress=false, sidecar=false, offset=None))]
-fn index<'py>(
-    py: Python<'py>,
+#[pyo3(signature = (path, *, force=false, checksums=true, progress=false, sidecar=false, offset=None, wait=false))]
+#[allow(clippy::too_many_arguments)]
+fn index(
+    py: Python<'_>,
     path: PathBuf,
     force: bool,
     checksums: bool,
     progress: bool,
     sidecar: bool,
     offset: Option<u64>,
-) -> PyResult<Bound<'py, PyDict>> {
-    let opts = ops::IndexOptions { force, checksums, progress, sidecar, offset };
+    wait: bool,
+) -> PyResult<IndexResult> {
+    let opts = ops::IndexOptions { force, checksums, progress, sidecar, offset, wait };
     let r = py.detach(|| ops::index(&path, &opts)).map_err(|e| to_pyerr(py, e))?;
-    let d = PyDict::new(py);
-    d.set_item("path", r.path.to_string_lossy())?;
-    d.set_item("written", r.written)?;
-    d.set_item("entries", r.entries)?;
-    d.set_item("directory_offset", r.directory_offset)?;
-    d.set_item("directory_size", r.directory_len)?;
-    d.set_item("replaced", r.replaced)?;
-    d.set_item("sidecar", r.sidecar.as_ref().map(|p| p.to_string_lossy().into_owned()))?;
-    Ok(d)
+    Ok(IndexResult {
+        path: lossy(&r.path),
+        written: r.written,
+        entries: r.entries,
+        directory_offset: r.directory_offset,
+        directory_size: r.directory_len,
+        replaced: r.replaced,
+        sidecar: r.sidecar.as_deref().map(lossy),
+    })
 }
 
 /// Verifies a file's directory.
 #[pyfunction]
-#[pyo3(signature = (path, deep=false, progress=false, offset=None))]
-fn verify<'py>(py: Python<'py>, path: PathBuf, deep: bool, progress: bool, offset: Option<u64>) -> PyResult<Bound<'py, PyDict>> {
-    let r = py.detach(|| ops::verify(&path, deep, progress, offset)).map_err(|e| to_pyerr(py, e))?;
-    verify_dict(py, &r)
+#[pyo3(signature = (path, *, deep=false, progress=false, offset=None, wait=false))]
+fn verify(
+    py: Python<'_>,
+    path: PathBuf,
+    deep: bool,
+    progress: bool,
+    offset: Option<u64>,
+    wait: bool,
+) -> PyResult<VerifyResult> {
+    let r = py.detach(|| ops::verify(&path, deep, progress, offset, wait)).map_err(|e| to_pyerr(py, e))?;
+    Ok(VerifyResult::from(r))
 }
 
 /// Truncates a file back to its stream's end.
 #[pyfunction]
-#[pyo3(signature = (path, force=false, offset=None))]
-fn strip<'py>(py: Python<'py>, path: PathBuf, force: bool, offset: Option<u64>) -> PyResult<Bound<'py, PyDict>> {
-    let opts = ops::StripOptions { force, offset };
+#[pyo3(signature = (path, *, force=false, offset=None, wait=false))]
+fn strip(py: Python<'_>, path: PathBuf, force: bool, offset: Option<u64>, wait: bool) -> PyResult<StripResult> {
+    let opts = ops::StripOptions { force, offset, wait };
     let r = py.detach(|| ops::strip(&path, &opts)).map_err(|e| to_pyerr(py, e))?;
-    let d = PyDict::new(py);
-    d.set_item("path", r.path.to_string_lossy())?;
-    d.set_item("removed", r.removed)?;
-    d.set_item("stream_end", r.stream_end)?;
-    d.set_item("sidecar", r.sidecar.as_ref().map(|p| p.to_string_lossy().into_owned()))?;
-    Ok(d)
-}
-
-fn record_dict<'py>(py: Python<'py>, r: &ops::RecordReport) -> PyResult<Bound<'py, PyDict>> {
-    let d = PyDict::new(py);
-    d.set_item("path", r.path.to_string_lossy())?;
-    d.set_item("stream_size", r.stream_size)?;
-    d.set_item("entries", r.entries)?;
-    d.set_item("directory_offset", r.directory_offset)?;
-    d.set_item("directory_size", r.directory_len)?;
-    d.set_item("reread", r.reread)?;
-    d.set_item("sidecar", r.sidecar.as_ref().map(|p| p.to_string_lossy().into_owned()))?;
-    Ok(d)
+    Ok(StripResult {
+        path: lossy(&r.path),
+        removed: r.removed,
+        stream_end: r.stream_end,
+        sidecar: r.sidecar.as_deref().map(lossy),
+    })
 }
 
 /// Writes a stream to a file as it arrives and appends its directory at the end.
@@ -348,9 +643,9 @@ impl Recorder {
 #[pymethods]
 impl Recorder {
     #[new]
-    #[pyo3(signature = (path, checksums=true, sidecar=false))]
-    fn new(py: Python<'_>, path: PathBuf, checksums: bool, sidecar: bool) -> PyResult<Self> {
-        let opts = ops::RecordOptions { checksums, progress: false, sidecar };
+    #[pyo3(signature = (path, *, checksums=true, sidecar=false, wait=false))]
+    fn new(py: Python<'_>, path: PathBuf, checksums: bool, sidecar: bool, wait: bool) -> PyResult<Self> {
+        let opts = ops::RecordOptions { checksums, progress: false, sidecar, wait };
         let rec = py.detach(|| ops::Recorder::create(&path, opts)).map_err(|e| to_pyerr(py, e))?;
         Ok(Recorder { inner: std::sync::Mutex::new(Some(rec)), path })
     }
@@ -373,13 +668,13 @@ impl Recorder {
 
     /// Ends the stream: appends the directory, or raises if the stream is
     /// incomplete or malformed (the file keeps every byte received).
-    fn finish<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyDict>> {
+    fn finish(&self, py: Python<'_>) -> PyResult<RecordResult> {
         let rec = {
             let mut guard = self.inner.lock().map_err(|_| PyValueError::new_err("recorder lock poisoned"))?;
             guard.take().ok_or_else(|| self.closed())?
         };
         let r = py.detach(move || rec.finish()).map_err(|e| to_pyerr(py, e))?;
-        record_dict(py, &r)
+        Ok(RecordResult::from(r))
     }
 
     /// Stops without a directory: the file keeps the bytes received.
@@ -392,19 +687,18 @@ impl Recorder {
 
 /// Records the stream on standard input into `path` (the CLI's `record`).
 #[pyfunction]
-#[pyo3(signature = (path, checksums=true, progress=false, sidecar=false))]
-fn record_stdin<'py>(
-    py: Python<'py>,
+#[pyo3(signature = (path, *, checksums=true, progress=false, sidecar=false, wait=false))]
+fn record_stdin(
+    py: Python<'_>,
     path: PathBuf,
     checksums: bool,
     progress: bool,
     sidecar: bool,
-) -> PyResult<Bound<'py, PyDict>> {
-    let opts = ops::RecordOptions { checksums, progress, sidecar };
-    let r = py
-        .detach(|| ops::record_stdin(&path, opts))
-        .map_err(|e| to_pyerr(py, e))?;
-    record_dict(py, &r)
+    wait: bool,
+) -> PyResult<RecordResult> {
+    let opts = ops::RecordOptions { checksums, progress, sidecar, wait };
+    let r = py.detach(|| ops::record_stdin(&path, opts)).map_err(|e| to_pyerr(py, e))?;
+    Ok(RecordResult::from(r))
 }
 
 #[pymodule]
@@ -413,8 +707,11 @@ fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<Entry>()?;
     m.add_class::<SaveFile>()?;
     m.add_class::<Recorder>()?;
+    m.add_class::<IndexResult>()?;
+    m.add_class::<VerifyResult>()?;
+    m.add_class::<StripResult>()?;
+    m.add_class::<RecordResult>()?;
     m.add_function(wrap_pyfunction!(record_stdin, m)?)?;
-    m.add_function(wrap_pyfunction!(open, m)?)?;
     m.add_function(wrap_pyfunction!(index, m)?)?;
     m.add_function(wrap_pyfunction!(verify, m)?)?;
     m.add_function(wrap_pyfunction!(strip, m)?)?;

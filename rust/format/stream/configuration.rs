@@ -3,6 +3,25 @@
 
 use super::*;
 
+/// The bytes a configuration section's machine type can take, from its
+/// type byte on.
+pub const MACHINE_TYPE_MAX: u64 = 1 + 4 + 256;
+
+/// Reads the configuration's type byte and machine type name.
+pub fn read_machine_type(r: &mut Reader) -> Result<String> {
+    r.u8("the configuration type byte")?;
+    let len_at = r.offset();
+    let len = r.be32("the machine type's length")?;
+    if len > 256 {
+        return Err(FormatError::invalid(
+            len_at,
+            format!("expected a machine type name of at most 256 bytes, found a length of {len}"),
+        ));
+    }
+    let name = r.bytes(len as usize, "the machine type name")?;
+    Ok(String::from_utf8_lossy(name).into_owned())
+}
+
 impl StreamParser {
     pub(super) fn configuration(&mut self, w: &Win, at: u64) -> Step<()> {
         let mut r = w.reader(at)?;
@@ -12,7 +31,7 @@ impl StreamParser {
         }
         self.ram_options.mapped_ram = conf.capabilities.iter().any(|c| c == "mapped-ram");
         self.ram_options.ignore_shared = conf.capabilities.iter().any(|c| c == "x-ignore-shared");
-        if self.ram_options.mapped_ram && !w.last {
+        if self.ram_options.mapped_ram && !w.last && !self.seekable {
             return Err(Stop::Err(FormatError::unsupported(
                 at,
                 "the stream uses mapped-ram, which QEMU writes only to seekable files: it cannot arrive through a pipe",
@@ -27,17 +46,7 @@ impl StreamParser {
     }
 
     pub(super) fn read_configuration(&self, r: &mut Reader) -> Result<Configuration> {
-        r.u8("the configuration type byte")?;
-        let len_at = r.offset();
-        let len = r.be32("the machine type's length")?;
-        if len > 256 {
-            return Err(FormatError::invalid(
-                len_at,
-                format!("expected a machine type name of at most 256 bytes, found a length of {len}"),
-            ));
-        }
-        let name = r.bytes(len as usize, "the machine type name")?;
-        let mut conf = Configuration { machine_type: String::from_utf8_lossy(name).into_owned(), ..Default::default() };
+        let mut conf = Configuration { machine_type: read_machine_type(r)?, ..Default::default() };
         while r.peek() == Some(tag::SUBSECTION) {
             let sub_at = r.offset();
             r.u8("a subsection type byte")?;
@@ -59,7 +68,10 @@ impl StreamParser {
                     let n_at = r.offset();
                     let n = r.be32("the capability count")?;
                     if n > 256 {
-                        return Err(FormatError::invalid(n_at, format!("expected at most 256 capabilities, found {n}")));
+                        return Err(FormatError::invalid(
+                            n_at,
+                            format!("expected at most 256 capabilities, found {n}"),
+                        ));
                     }
                     for _ in 0..n {
                         let c = r.cstr8("a capability name")?;
@@ -90,5 +102,4 @@ impl StreamParser {
         }
         Ok(conf)
     }
-
 }

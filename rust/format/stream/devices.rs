@@ -42,7 +42,12 @@ impl StreamParser {
     /// After a whole parse: for each device section whose end was a footer
     /// choice, tries the next footer. If that also parses to the end, the
     /// stream has two readings and savedir cannot know the right one.
-    pub(super) fn check_unambiguous(&self, data: &[u8], base: u64) -> Result<()> {
+    /// `run` parses a copy of the parser to the end: `Ok(true)` when it
+    /// reached the stream's end, `Ok(false)` when that reading failed.
+    pub(super) fn check_unambiguous<E: From<FormatError>>(
+        &self,
+        mut run: impl FnMut(&mut StreamParser) -> std::result::Result<bool, E>,
+    ) -> std::result::Result<(), E> {
         for (item, c) in self.device_choices.iter().take(MAX_AMBIGUITY_CHECKS) {
             let mut alt = self.clone();
             alt.device_choices.clear();
@@ -51,9 +56,9 @@ impl StreamParser {
             alt.backtracks = 0;
             alt.vmdesc = None;
             alt.restore(c.clone());
-            if let Ok(Progress::Done) = alt.advance_inner(data, base, true, None) {
+            if run(&mut alt)? {
                 let end = |p: &StreamParser| p.items.iter().find(|i| i.offset == item.offset).map_or(0, |i| i.end);
-                return Err(FormatError::unsupported(
+                return Err(E::from(FormatError::unsupported(
                     item.payload_start(),
                     format!(
                         "{} at offset {} can end at offset {} or at offset {}: its data holds bytes that look like its \
@@ -63,7 +68,7 @@ impl StreamParser {
                         end(self),
                         end(&alt)
                     ),
-                ));
+                )));
             }
         }
         Ok(())
@@ -199,9 +204,15 @@ impl StreamParser {
                 Some(_) => false,
             },
             Some(t @ (tag::START | tag::FULL)) => {
-                let Some(id) = w.be32(at + 1)? else { return Ok(false) };
-                let Some(n) = w.byte(at + 5)? else { return Ok(false) };
-                let Some(name) = w.bytes(at + 6, n as u64 + 8)? else { return Ok(false) };
+                let Some(id) = w.be32(at + 1)? else {
+                    return Ok(false);
+                };
+                let Some(n) = w.byte(at + 5)? else {
+                    return Ok(false);
+                };
+                let Some(name) = w.bytes(at + 6, n as u64 + 8)? else {
+                    return Ok(false);
+                };
                 let name = &name[..n as usize];
                 if n == 0 || !name.iter().all(|&c| (0x20..0x7f).contains(&c)) {
                     return Ok(false);
@@ -212,11 +223,15 @@ impl StreamParser {
                 }
             }
             Some(tag::PART | tag::END) => {
-                let Some(id) = w.be32(at + 1)? else { return Ok(false) };
+                let Some(id) = w.be32(at + 1)? else {
+                    return Ok(false);
+                };
                 matches!(self.sections.get(&id), Some(s) if s.live && !s.ended)
             }
             Some(tag::COMMAND) => {
-                let Some(b) = w.bytes(at + 1, 4)? else { return Ok(false) };
+                let Some(b) = w.bytes(at + 1, 4)? else {
+                    return Ok(false);
+                };
                 let cmd = u16::from_be_bytes([b[0], b[1]]);
                 (1..=CMD_MAX).contains(&cmd)
             }

@@ -8,7 +8,9 @@ impl StreamParser {
         let Some(h) = w.bytes(self.start, HEADER_LEN)? else {
             // The last window holds fewer than 8 bytes: say what is wrong.
             let rest = w.data.get(self.start.saturating_sub(w.base) as usize..).unwrap_or(&[]);
-            let e = check_header(rest, 0).err().unwrap_or_else(|| FormatError::truncated(0, "the stream header is cut short"));
+            let e = check_header(rest, 0)
+                .err()
+                .unwrap_or_else(|| FormatError::truncated(0, "the stream header is cut short"));
             return Err(Stop::Err(shift(e, self.start)));
         };
         check_header(h, 0).map_err(|e| Stop::Err(shift(e, self.start)))?;
@@ -46,7 +48,10 @@ impl StreamParser {
         let end = match w.byte(eof + 1)? {
             Some(tag::VMDESC) => {
                 let hdr = w.bytes(eof + 1, vmdesc::VMDESC_HEADER)?.ok_or_else(|| {
-                    Stop::Err(FormatError::truncated(eof + 2, "expected the vmdesc's be32 length, found the end of the file"))
+                    Stop::Err(FormatError::truncated(
+                        eof + 2,
+                        "expected the vmdesc's be32 length, found the end of the file",
+                    ))
                 })?;
                 let len = u32::from_be_bytes([hdr[1], hdr[2], hdr[3], hdr[4]]) as u64;
                 let json_at = eof + 1 + vmdesc::VMDESC_HEADER;
@@ -97,7 +102,10 @@ impl StreamParser {
             let mut nested = 0;
             if cmd == CMD_PACKAGED {
                 if len != 4 {
-                    return Err(FormatError::invalid(body_at, format!("expected a PACKAGED command of 4 bytes, found {len}")));
+                    return Err(FormatError::invalid(
+                        body_at,
+                        format!("expected a PACKAGED command of 4 bytes, found {len}"),
+                    ));
                 }
                 nested = u32::from_be_bytes([body[0], body[1], body[2], body[3]]) as u64;
             }
@@ -178,7 +186,8 @@ impl StreamParser {
         item.instance_id = instance_id;
         item.version_id = version_id;
         let ram = kind == Kind::Start && &*name == "ram";
-        let sref = SectionRef { name: name.clone(), instance_id, version_id, live: kind == Kind::Start, ram, ended: false };
+        let sref =
+            SectionRef { name: name.clone(), instance_id, version_id, live: kind == Kind::Start, ram, ended: false };
         if ram {
             if version_id != RAM_SECTION_VERSION {
                 return Err(Stop::Err(FormatError::unsupported(
@@ -221,7 +230,11 @@ impl StreamParser {
             Some(s) if s.live => {
                 return Err(Stop::Err(FormatError::invalid(
                     id_at,
-                    format!("a {} section continues section id {section_id} ({}), which has ended", kind.as_str(), s.name),
+                    format!(
+                        "a {} section continues section id {section_id} ({}), which has ended",
+                        kind.as_str(),
+                        s.name
+                    ),
                 )))
             }
             _ => {
@@ -271,6 +284,23 @@ impl StreamParser {
                             self.pos = r.offset();
                             return Ok(());
                         }
+                    }
+                    Ok(Record::Jump(next)) => {
+                        // Past a mapped-ram page region: the bytes there need
+                        // not be in the window (a source read in windows
+                        // skips them).
+                        if next > w.end() && w.last {
+                            self.pos = rec_at;
+                            return Err(Stop::Err(ctx(FormatError::truncated(
+                                rec_at,
+                                format!(
+                                    "a mapped-ram page region runs to offset {next}, past the end of the file ({})",
+                                    w.end()
+                                ),
+                            ))));
+                        }
+                        self.pos = next;
+                        return Ok(());
                     }
                     Err(e) => {
                         self.pos = rec_at;

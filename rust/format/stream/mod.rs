@@ -24,7 +24,7 @@ use super::error::{FormatError, FormatErrorKind, Result};
 use super::ram::{RamOptions, RamState, Record, RAM_SECTION_VERSION};
 use super::reader::{self, Reader};
 use super::vmdesc::{self, Vmdesc, VmdescLocation};
-use super::{command_name, show_bytes, tag, Kind, STREAM_MAGIC, STREAM_VERSION, STREAM_VERSION_COMPAT};
+use super::{show_bytes, tag, Header, Kind, STREAM_MAGIC, STREAM_VERSION, STREAM_VERSION_COMPAT};
 
 /// Bytes of a section footer: 0x7e and the be32 section id.
 pub const FOOTER_LEN: u64 = 5;
@@ -46,27 +46,31 @@ const CMD_POSTCOPY_ADVISE: u16 = 3;
 /// The largest command number QEMU 10 defines.
 const CMD_MAX: u16 = 11;
 
-/// One top-level item of a stream.
+/// One top-level item of a stream: its header, and where it lies.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Item {
-    pub kind: Kind,
+    pub header: Header,
     /// Absolute offset of the item's type byte.
     pub offset: u64,
     /// Absolute offset one past the item's last byte (footer included).
     pub end: u64,
-    /// Bytes of the item's header (type byte included).
+    /// Bytes of the item's header in the stream (type byte included).
     pub header_len: u64,
     /// Bytes of the section footer that closes the item (0 or 5).
     pub footer_len: u64,
-    /// Section id (sections only; 0 otherwise).
-    pub section_id: u32,
-    /// Section name; PART and END carry the name of the START they continue.
-    pub name: Option<Arc<str>>,
-    pub instance_id: u32,
-    pub version_id: u32,
-    /// Command number and length (commands only).
-    pub command: u16,
-    pub command_len: u16,
+}
+
+impl std::ops::Deref for Item {
+    type Target = Header;
+    fn deref(&self) -> &Header {
+        &self.header
+    }
+}
+
+impl std::ops::DerefMut for Item {
+    fn deref_mut(&mut self) -> &mut Header {
+        &mut self.header
+    }
 }
 
 impl Item {
@@ -84,20 +88,10 @@ impl Item {
         self.end - self.footer_len
     }
 
-    fn new(kind: Kind, offset: u64) -> Self {
-        Item {
-            kind,
-            offset,
-            end: offset,
-            header_len: 1,
-            footer_len: 0,
-            section_id: 0,
-            name: None,
-            instance_id: 0,
-            version_id: 0,
-            command: 0,
-            command_len: 0,
-        }
+    /// An item of `kind` at `offset` with an empty extent, to be filled in.
+    pub fn new(kind: Kind, offset: u64) -> Self {
+        let header_len = if kind == Kind::Vmdesc { vmdesc::VMDESC_HEADER } else { 1 };
+        Item { header: Header::new(kind), offset, end: offset, header_len, footer_len: 0 }
     }
 }
 
@@ -207,7 +201,9 @@ pub fn parse(data: &[u8], opts: ParseOptions<'_>) -> Result<Stream> {
             }
             _ => {}
         }
-        p.check_unambiguous(data, 0)?;
+        p.check_unambiguous(|alt| {
+            Ok::<bool, FormatError>(matches!(alt.advance_inner(data, 0, true, None), Ok(Progress::Done)))
+        })?;
     }
     Ok(p.finish())
 }
@@ -237,12 +233,23 @@ enum Phase {
     Header,
     Items,
     /// Inside a RAM section's payload; `eos` once its EOS record was read.
-    Ram { item: Item, eos: bool },
+    Ram {
+        item: Item,
+        eos: bool,
+    },
     /// Inside a PACKAGED command's nested stream, `left` bytes to go.
-    Skip { item: Item, left: u64 },
+    Skip {
+        item: Item,
+        left: u64,
+    },
     /// After the EOF byte at `eof`: a vmdesc may follow.
-    AfterEof { eof: u64 },
-    Done { eof: u64, end: u64 },
+    AfterEof {
+        eof: u64,
+    },
+    Done {
+        eof: u64,
+        end: u64,
+    },
 }
 
 /// Internal: stop parsing for want of bytes, or for an error.
@@ -252,7 +259,6 @@ enum Stop {
 }
 
 type Step<T> = std::result::Result<T, Stop>;
-
 
 /// A resumable parser of one stream.
 #[derive(Clone)]
@@ -282,6 +288,9 @@ pub struct StreamParser {
     /// kept past confirmation so that [`parse`] can check that no other
     /// choice also parses: such a stream cannot be delimited for sure.
     device_choices: Vec<(Item, Choice)>,
+    /// The windows come from a source that can be read anywhere (a file, not
+    /// a pipe): a mapped-ram stream is then fine, its page regions skipped.
+    seekable: bool,
 }
 
 /// How many device sections without a size [`parse`] checks for a second
@@ -332,6 +341,7 @@ impl StreamParser {
             backtracks: 0,
             first_error: None,
             device_choices: Vec::new(),
+            seekable: false,
         }
     }
 
@@ -449,26 +459,22 @@ impl StreamParser {
     }
 }
 
-
 /// Moves an error found in a copy that starts at 0 to absolute offsets.
 fn shift(mut e: FormatError, by: u64) -> FormatError {
     e.offset += by;
     e
 }
 
-
 /// Describes an item for messages: `full section "cpu" (id 3)`.
 pub fn describe(item: &Item) -> String {
-    match item.kind {
-        Kind::Command => format!("command {} ({})", item.command, command_name(item.command)),
-        Kind::Configuration | Kind::Vmdesc => format!("the {}", item.kind.as_str()),
-        k => format!("{} section \"{}\" (id {})", k.as_str(), item.name.as_deref().unwrap_or(""), item.section_id),
-    }
+    item.header.describe()
 }
 
-
 mod configuration;
+pub use configuration::{read_machine_type, MACHINE_TYPE_MAX};
 mod devices;
+mod drive;
+pub use drive::{parse_source, WINDOW};
 mod items;
 mod window;
 use window::Win;

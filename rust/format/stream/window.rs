@@ -22,7 +22,10 @@ impl<'a> Win<'a> {
         let mut r = Reader::with_base(self.data, self.base);
         if at > self.end() {
             return Err(if self.last {
-                Stop::Err(FormatError::truncated(self.end(), format!("the stream jumps to offset {at}, past the end of the file")))
+                Stop::Err(FormatError::truncated(
+                    self.end(),
+                    format!("the stream jumps to offset {at}, past the end of the file"),
+                ))
             } else {
                 Stop::NeedMore
             });
