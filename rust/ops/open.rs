@@ -184,6 +184,7 @@ pub fn scan(path: &Path, map: Arc<Map>, located: Located, progress: bool) -> Res
     let mut tick = |at: u64| meter.set(at);
     let mut popts = ParseOptions::new(stream_start, super::locate::end_hint(data));
     popts.progress = Some(&mut tick);
+    super::testhook::pause("scan:start");
     let s = stream::parse(data, popts).map_err(|e| Error::format(path, e))?;
     meter.finish();
     Ok(SaveFile {

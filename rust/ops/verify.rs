@@ -108,6 +108,7 @@ fn deep_check(view: &View, dir: &Directory, stream_start: u64, meter: &Progress)
     let mut tick = |at: u64| meter.set(at);
     let mut popts = ParseOptions::new(stream_start, t.dir);
     popts.progress = Some(&mut tick);
+    super::testhook::pause("scan:start");
     let s = match stream::parse(data, popts) {
         Ok(s) => s,
         Err(e) => return fail(e.offset, format!("the stream does not parse: {}", e.message)),
