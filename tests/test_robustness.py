@@ -25,6 +25,7 @@ from hypothesis import strategies as st
 import qemu_harness as h
 import savedir
 import synthetic
+from pausehook import HANG, Pause
 
 SAVEDIR = [sys.executable, "-m", "savedir"]
 EXAMPLE = Path(__file__).resolve().parent.parent / "examples" / "pc-i440fx.sav"
@@ -166,50 +167,73 @@ def sha(path: Path, n: int) -> str:
         return hashlib.sha256(f.read(n)).hexdigest()
 
 
+def kill_at(point: str, p: Path, tmp_path: Path) -> None:
+    """Runs `savedir index P` and SIGKILLs it at `point` (rust/ops/testhook.rs)."""
+    pause = Pause(tmp_path, point)
+    proc = subprocess.Popen(SAVEDIR + ["index", "-q", str(p)], env=pause.env)
+    try:
+        pause.wait(proc)
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(timeout=HANG)
+    finally:
+        pause.release()
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert proc.returncode == -signal.SIGKILL
+
+
 def test_kill_9_while_indexing_synthetic(tmp_path: Path) -> None:
     src = tmp_path / "big.sav"
-    info = synthetic.write_stream(str(src), 256 << 20, pages_per_part=64)  # ~1000 parts
+    info = synthetic.write_stream(str(src), 64 << 20, pages_per_part=64)  # ~250 parts
     n = info["file_size"]
     want = sha(src, n)
     full = tmp_path / "full.sav"
     full.write_bytes(src.read_bytes())
     savedir.index(full)
     full_bytes = full.read_bytes()
-    rng = random.Random(5)
     p = tmp_path / "k.sav"
-    outcomes = set()
-    for i in range(8):
+    for point in ("index:before-write", "index:mid-write"):
         p.write_bytes(src.read_bytes())
-        proc = subprocess.Popen(SAVEDIR + ["index", "-q", str(p)])
-        time.sleep(rng.uniform(0.05, 0.6))
-        proc.send_signal(signal.SIGKILL)
-        proc.wait()
+        kill_at(point, p, tmp_path)
         size = p.stat().st_size
-        assert size >= n
+        if point == "index:before-write":
+            assert size == n, (point, size)
+        else:
+            # Half a directory: not valid, but the start of the right one.
+            assert n < size < len(full_bytes), (point, size)
+            assert not savedir.verify(p).ok
         assert sha(p, n) == want, "stream bytes changed"
-        outcomes.add("done" if size == len(full_bytes) else "none" if size == n else "torn")
-        r = savedir.index(p)  # succeeds whatever the kill left, without force
-        assert r.written == (size != len(full_bytes))
-        assert p.read_bytes() == full_bytes
-    assert "none" in outcomes, outcomes
+        r = savedir.index(p)  # completes what the kill left, without force
+        assert r.written and r.replaced == size - n, (point, r)
+        assert p.read_bytes() == full_bytes, point
 
 
 def test_kill_9_real_stream_still_loads(qemu_stream_by_name, tmp_path: Path) -> None:
     s = qemu_stream_by_name["q35-full-file-paused"]
     pristine = s.read_bytes()
-    rng = random.Random(9)
+    want = s.copy_to(tmp_path / "want")
+    savedir.index(want)
+    full_bytes = want.read_bytes()
     p = s.copy_to(tmp_path)
-    for i in range(5):
+    for point in ("index:before-write", "index:mid-write"):
         p.write_bytes(pristine)
-        proc = subprocess.Popen(SAVEDIR + ["index", "-q", str(p)])
-        time.sleep(rng.uniform(0.0, 0.15))
-        proc.send_signal(signal.SIGKILL)
-        proc.wait()
+        kill_at(point, p, tmp_path)
+        size = p.stat().st_size
+        if point == "index:before-write":
+            assert size == len(pristine), (point, size)
+        else:
+            assert len(pristine) < size < len(full_bytes), (point, size)
         assert p.read_bytes()[: len(pristine)] == pristine
+        # QEMU loads the file whatever the kill left after the stream.
         st_ = h.load_stream(p, s.machine, list(s.devices), uri_kind="file")
-        assert st_["status"] in h.LOADED_STATES
-        savedir.index(p)
+        assert st_["status"] in h.LOADED_STATES, (point, st_)
+        r = savedir.index(p)
+        assert r.written, (point, r)
+        assert p.read_bytes() == full_bytes, point
         assert savedir.verify(p, deep=True).ok
+    st_ = h.load_stream(p, s.machine, list(s.devices), uri_kind="file")
+    assert st_["status"] in h.LOADED_STATES, st_
 
 
 def test_concurrent_indexers_leave_one_directory(qemu_stream_by_name, tmp_path: Path) -> None:
@@ -292,29 +316,30 @@ def test_file_truncated_under_open_views(tmp_path: Path) -> None:
 
 @pytest.mark.parametrize("command", [["verify", "--deep"], ["index"], ["ls", "--scan"]])
 def test_file_truncated_while_a_command_reads_it(tmp_path: Path, command: list[str]) -> None:
-    src = tmp_path / "big.sav"
-    synthetic.write_stream(str(src), 512 << 20, pages_per_part=4096)
+    p = tmp_path / "t.sav"
+    synthetic.write_stream(str(p), 64 << 20, pages_per_part=4096)
     if command[0] == "verify":
-        savedir.index(src)
-    outcomes = []
-    for delay in (0.05, 0.2, 0.4):
-        p = tmp_path / "t.sav"
-        os.replace(src, p) if not p.exists() else None
-        proc = subprocess.Popen(SAVEDIR + command + [str(p)], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-        time.sleep(delay)
-        os.truncate(p, 64 << 20)
-        err = proc.communicate(timeout=120)[1].decode()
-        # Never killed by a signal: a clean report or success.
-        assert proc.returncode in (0, 1), (proc.returncode, err)
-        # Truncated before savedir mapped it: a stream cut short; during
-        # the read: "changed while it was read"; after: success.
-        outcomes.append((proc.returncode, err == "" or (str(p) in err and "Traceback" not in err)))
-        assert all(ok for _, ok in outcomes), (outcomes, err)
-        # Rebuild the big file for the next round.
-        synthetic.write_stream(str(src), 512 << 20, pages_per_part=4096)
-        if command[0] == "verify":
-            savedir.index(src)
-        os.replace(src, p)
+        savedir.index(p)
+    # Stopped with the file mapped, just before the stream is parsed: the
+    # truncation lands under the mapping, always.
+    pause = Pause(tmp_path, "scan:start")
+    proc = subprocess.Popen(SAVEDIR + command + [str(p)], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=pause.env)
+    try:
+        pause.wait(proc)
+        os.truncate(p, 8 << 20)
+    finally:
+        pause.release()
+    try:
+        err = proc.communicate(timeout=HANG)[1].decode()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    # Never killed by a signal, never a traceback: a clean report.
+    assert proc.returncode == 1, (proc.returncode, err)
+    assert "Traceback" not in err, err
+    assert f"{p}: the file changed while it was read" in err, err
+    assert p.stat().st_size == 8 << 20
 
 
 def test_many_false_footers_end_in_bounded_time(tmp_path: Path) -> None:
