@@ -37,8 +37,10 @@
 //!   cleared before it is unmapped (the guard is the first field of
 //!   [`Map`](super::Map), dropped before the mapping), so the handler never
 //!   replaces a page of a range that savedir no longer owns. The handler
-//!   reads the table without a lock: a slot being filled or cleared
-//!   concurrently only makes it miss a range that no fault can be in.
+//!   reads the table without a lock: a slot is claimed by its `start` and
+//!   gets its `end` after, and is cleared `end` first and freed by `start`
+//!   last, so a slot being filled or cleared concurrently only makes the
+//!   handler miss a range that no fault can be in.
 //! - *Faults outside our mappings* (a bug elsewhere, another library's
 //!   mapping, a truncated file that is not ours) are not touched: the handler
 //!   calls the previous handler, or restores the default action and returns,
@@ -91,9 +93,11 @@ impl Guard {
 impl Drop for Guard {
     fn drop(&mut self) {
         if let Some(i) = self.slot {
-            TABLE[i].start.store(0, Ordering::SeqCst);
+            // `start` last: it frees the slot, which `register` may then
+            // claim at once and fill; clearing after it would undo that.
             TABLE[i].end.store(0, Ordering::SeqCst);
             TABLE[i].hit.store(false, Ordering::SeqCst);
+            TABLE[i].start.store(0, Ordering::SeqCst);
         }
     }
 }
