@@ -20,6 +20,7 @@ import pytest
 import qemu_harness as h
 import savedir
 import synthetic
+from pausehook import Pause
 
 SAVEDIR = [sys.executable, "-m", "savedir"]
 
@@ -152,3 +153,56 @@ def test_record_memory_stays_bounded(tmp_path: Path) -> None:
     assert peak_kib < 120 * 1024, f"peak RSS {peak_kib} KiB"
     assert savedir.verify(out, deep=True).ok
     assert out.stat().st_size > info["file_size"]
+
+
+_WRITER_AND_POLLER = """
+import sys, threading, savedir
+src, out = sys.argv[1:]
+data = open(src, "rb").read()
+rec = savedir.Recorder(out)
+writer = threading.Thread(target=rec.write, args=(data,))
+writer.start()
+sys.stdin.readline()  # the parent: the writer is inside write, without the GIL
+print("reading received", flush=True)
+n = rec.received
+writer.join()
+rec.close()
+print("OK", n, rec.result.stream_size, flush=True)
+"""
+
+
+def test_reading_received_while_another_thread_writes(tmp_path: Path) -> None:
+    """A thread inside Recorder.write (its lock held, the GIL released) and
+    another reading ``received`` must not wait for each other."""
+    src = Path(__file__).resolve().parent.parent / "examples" / "pc-i440fx.sav"
+    want = tmp_path / "want.sav"
+    want.write_bytes(src.read_bytes())
+    savedir.index(want)
+    out = tmp_path / "out.sav"
+    pause = Pause(tmp_path, "record:write")
+    proc = subprocess.Popen(
+        [sys.executable, "-c", _WRITER_AND_POLLER, str(src), str(out)],
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=pause.env,
+    )
+    assert proc.stdin is not None and proc.stdout is not None
+    try:
+        pause.wait(proc)  # the writer thread is stopped inside write
+        proc.stdin.write("go\n")
+        proc.stdin.flush()
+        assert proc.stdout.readline() == "reading received\n"
+        # Let the main thread get into `received` before the writer goes on
+        # (were it slower, the test could only pass wrongly, never fail wrongly).
+        time.sleep(0.5)
+        pause.release()
+        try:
+            out_, err = proc.communicate(timeout=120)
+        except subprocess.TimeoutExpired:
+            pytest.fail("deadlock: the writer and the thread reading `received` wait for each other")
+    finally:
+        pause.release()
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert proc.returncode == 0, err
+    assert out_.startswith("OK "), (out_, err)
+    assert out.read_bytes() == want.read_bytes()

@@ -148,6 +148,7 @@ pub fn index(path: &Path, opts: &IndexOptions) -> Result<IndexReport> {
     let mut tick = |at: u64| meter.set(at);
     let mut popts = ParseOptions::new(stream_start, super::locate::end_hint(&*map));
     popts.progress = Some(&mut tick);
+    super::testhook::pause("scan:start");
     let s = map.check(path, stream::parse(data, popts).map_err(|e| Error::format(path, e)))?;
 
     let len = data.len() as u64;
@@ -180,6 +181,7 @@ pub fn index(path: &Path, opts: &IndexOptions) -> Result<IndexReport> {
         });
     }
     drop(map);
+    super::testhook::pause("index:before-write");
 
     if opts.sidecar {
         let sc = write_sidecar(path, &dir)?;
@@ -188,7 +190,12 @@ pub fn index(path: &Path, opts: &IndexOptions) -> Result<IndexReport> {
     if s.end < len {
         file.set_len(s.end).map_err(|e| Error::io(path, "truncate", e))?;
     }
-    file.write_all_at(&dir, s.end).map_err(|e| Error::io(path, "write the directory", e))?;
+    // In two writes, so that a test can stop the process between them
+    // (a torn directory, which the next `index` completes).
+    let (first, rest) = dir.split_at(dir.len() / 2);
+    file.write_all_at(first, s.end).map_err(|e| Error::io(path, "write the directory", e))?;
+    super::testhook::pause("index:mid-write");
+    file.write_all_at(rest, s.end + first.len() as u64).map_err(|e| Error::io(path, "write the directory", e))?;
     file.sync_data().map_err(|e| Error::io(path, "flush to disk", e))?;
     Ok(report(true, s.items.len(), s.end, dir.len() as u64, len - s.end, None))
 }

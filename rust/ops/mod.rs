@@ -11,6 +11,7 @@ pub mod record;
 pub mod sigbus;
 pub mod source;
 pub mod strip;
+pub mod testhook;
 pub mod verify;
 
 pub use error::{Error, Result};

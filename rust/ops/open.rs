@@ -174,6 +174,7 @@ impl SaveFile {
         let mut tick = |at: u64| meter.set(at);
         let mut popts = ParseOptions::new(self.stream_start, super::locate::end_hint(&*self.source));
         popts.progress = Some(&mut tick);
+        super::testhook::pause("scan:start");
         let s = stream::parse_source(&*self.source, popts, None).map_err(|e| Error::source(&self.path, e));
         let s = self.changed_error().map_or(s, Err)?;
         meter.finish();

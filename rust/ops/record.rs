@@ -136,6 +136,7 @@ impl Recorder {
 
     /// Writes `data` to the file and parses it.
     pub fn write(&mut self, data: &[u8]) -> Result<()> {
+        super::testhook::pause("record:write");
         self.file.write_all(data).map_err(|e| Error::io(&self.path, "write", e))?;
         self.received += data.len() as u64;
         self.meter.set(self.received);

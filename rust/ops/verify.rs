@@ -163,6 +163,7 @@ fn deep_check(
     let mut tick = |at: u64| meter.set(at);
     let mut popts = ParseOptions::new(stream_start, t.dir);
     popts.progress = Some(&mut tick);
+    super::testhook::pause("scan:start");
     // A slice is parsed whole and checksummed in parallel below; any other
     // source is read once, its checksums computed as the windows pass.
     let s = match stream::parse_source(&stream, popts, Some(&mut feed)) {

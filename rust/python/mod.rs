@@ -628,15 +628,36 @@ fn strip(py: Python<'_>, path: PathBuf, force: bool, offset: Option<u64>, wait: 
 }
 
 /// Writes a stream to a file as it arrives and appends its directory at the end.
+///
+/// Locking: `inner` is held across GIL releases (a write runs without the
+/// GIL), so a thread holding the GIL must never wait for it, or the writer,
+/// needing the GIL back while it still holds `inner`, and that thread wait
+/// for each other. `inner` is therefore taken only inside `py.detach`, and
+/// `received` is an atomic read without it.
 #[pyclass(frozen, module = "savedir._core")]
 pub struct Recorder {
     inner: std::sync::Mutex<Option<ops::Recorder>>,
+    /// Bytes received so far; 0 once finished or aborted (as before).
+    received: std::sync::atomic::AtomicU64,
     path: PathBuf,
 }
 
 impl Recorder {
     fn closed(&self) -> PyErr {
         PyValueError::new_err(format!("{}: the recorder is closed", self.path.display()))
+    }
+
+    /// Runs `f` on the recorder without the GIL, under `inner`.
+    fn with_inner<T: Send>(
+        &self,
+        py: Python<'_>,
+        f: impl FnOnce(&mut Option<ops::Recorder>) -> PyResult<ops::Result<T>> + Send,
+    ) -> PyResult<T> {
+        let r = py.detach(|| {
+            let mut guard = self.inner.lock().map_err(|_| PyValueError::new_err("recorder lock poisoned"))?;
+            f(&mut guard)
+        })?;
+        r.map_err(|e| to_pyerr(py, e))
     }
 }
 
@@ -647,41 +668,46 @@ impl Recorder {
     fn new(py: Python<'_>, path: PathBuf, checksums: bool, sidecar: bool, wait: bool) -> PyResult<Self> {
         let opts = ops::RecordOptions { checksums, progress: false, sidecar, wait };
         let rec = py.detach(|| ops::Recorder::create(&path, opts)).map_err(|e| to_pyerr(py, e))?;
-        Ok(Recorder { inner: std::sync::Mutex::new(Some(rec)), path })
+        Ok(Recorder { inner: std::sync::Mutex::new(Some(rec)), received: std::sync::atomic::AtomicU64::new(0), path })
     }
 
     /// Writes bytes (any object with the buffer protocol); returns their number.
     fn write(&self, py: Python<'_>, data: pyo3::buffer::PyBuffer<u8>) -> PyResult<usize> {
+        // Copied with the GIL held: the buffer's owner may change it without.
         let bytes = data.to_vec(py)?;
-        let mut guard = self.inner.lock().map_err(|_| PyValueError::new_err("recorder lock poisoned"))?;
-        let rec = guard.as_mut().ok_or_else(|| self.closed())?;
-        py.detach(|| rec.write(&bytes)).map_err(|e| to_pyerr(py, e))?;
+        self.with_inner(py, |inner| {
+            let rec = inner.as_mut().ok_or_else(|| self.closed())?;
+            let r = rec.write(&bytes);
+            self.received.store(rec.received(), std::sync::atomic::Ordering::SeqCst);
+            Ok(r)
+        })?;
         Ok(bytes.len())
     }
 
     /// Bytes received so far.
     #[getter]
-    fn received(&self) -> PyResult<u64> {
-        let guard = self.inner.lock().map_err(|_| PyValueError::new_err("recorder lock poisoned"))?;
-        Ok(guard.as_ref().map_or(0, |r| r.received()))
+    fn received(&self) -> u64 {
+        self.received.load(std::sync::atomic::Ordering::SeqCst)
     }
 
     /// Ends the stream: appends the directory, or raises if the stream is
     /// incomplete or malformed (the file keeps every byte received).
     fn finish(&self, py: Python<'_>) -> PyResult<RecordResult> {
-        let rec = {
-            let mut guard = self.inner.lock().map_err(|_| PyValueError::new_err("recorder lock poisoned"))?;
-            guard.take().ok_or_else(|| self.closed())?
-        };
-        let r = py.detach(move || rec.finish()).map_err(|e| to_pyerr(py, e))?;
+        let r = self.with_inner(py, |inner| {
+            let rec = inner.take().ok_or_else(|| self.closed())?;
+            self.received.store(0, std::sync::atomic::Ordering::SeqCst);
+            Ok(rec.finish())
+        })?;
         Ok(RecordResult::from(r))
     }
 
     /// Stops without a directory: the file keeps the bytes received.
-    fn abort(&self) -> PyResult<()> {
-        let mut guard = self.inner.lock().map_err(|_| PyValueError::new_err("recorder lock poisoned"))?;
-        guard.take();
-        Ok(())
+    fn abort(&self, py: Python<'_>) -> PyResult<()> {
+        self.with_inner(py, |inner| {
+            inner.take();
+            self.received.store(0, std::sync::atomic::Ordering::SeqCst);
+            Ok(Ok(()))
+        })
     }
 }
 
