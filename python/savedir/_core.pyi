@@ -4,9 +4,11 @@ from os import PathLike
 from types import TracebackType
 from typing import Any, Literal, Optional, Union, final
 
+from typing_extensions import Self, disjoint_base
+
 _Path = Union[str, PathLike[str]]
-Kind = Literal["configuration", "start", "part", "end", "full", "command", "vmdesc"]
-Check = Literal["trailer", "directory", "cross-check", "deep"]
+_Kind = Literal["configuration", "start", "part", "end", "full", "command", "vmdesc"]
+_Check = Literal["trailer", "directory", "cross-check", "deep"]
 
 __version__: str
 __all__ = [
@@ -32,7 +34,7 @@ class Buffer:
 @final
 class Entry:
     @property
-    def kind(self) -> Kind: ...
+    def kind(self) -> _Kind: ...
     @property
     def offset(self) -> int: ...
     @property
@@ -62,8 +64,9 @@ class Entry:
     @property
     def payload(self) -> memoryview: ...
     def to_dict(self) -> dict[str, Any]: ...
-    def __eq__(self, other: object) -> bool: ...
+    def __eq__(self, other: object, /) -> bool: ...
 
+@disjoint_base
 class SaveFile:
     def __new__(
         cls,
@@ -74,11 +77,11 @@ class SaveFile:
         offset: Optional[int] = None,
         mmap: bool = True,
         wait: bool = False,
-    ) -> SaveFile: ...
+    ) -> Self: ...
     def close(self) -> None: ...
     @property
     def closed(self) -> bool: ...
-    def __enter__(self) -> SaveFile: ...
+    def __enter__(self) -> Self: ...
     def __exit__(
         self,
         exc_type: Optional[type[BaseException]],
@@ -148,7 +151,7 @@ class VerifyResult:
     @property
     def ok(self) -> bool: ...
     @property
-    def check(self) -> Optional[Check]: ...
+    def check(self) -> Optional[_Check]: ...
     @property
     def offset(self) -> Optional[int]: ...
     @property

@@ -88,7 +88,8 @@ def cmd_verify(a: argparse.Namespace) -> int:
                 raise
             results.append({"path": p, "ok": False, "check": None, "offset": getattr(e, "offset", None), "message": str(e)})
             return _status(e)
-        results.append(r.to_dict())
+        d = r.to_dict()
+        results.append({k: d[k] for k in ("path", "ok", "check", "offset", "message")})
         if not a.json:
             if r.ok:
                 print(f"{p}: OK ({r.message})")

@@ -5,7 +5,7 @@ use std::borrow::Cow;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-use crate::format::directory::{Directory, Trailer, View};
+use crate::format::directory::{self, Directory, Trailer, View};
 use crate::format::reader::Reader;
 use crate::format::source::{read_vec, ReadAt};
 use crate::format::stream::{self, read_machine_type, ParseOptions, MACHINE_TYPE_MAX};
@@ -113,6 +113,11 @@ pub fn open_source(
     dir: Option<DirSource>,
     opts: &OpenOptions,
 ) -> Result<SaveFile> {
+    // Without a directory source given, an appended directory is looked for.
+    let dir = match dir {
+        None if !opts.scan && directory::check_trailer(&View::appended(&*source)).is_ok() => Some(DirSource::default()),
+        d => d,
+    };
     let dsrc = dir.clone().unwrap_or_default();
     let view = dsrc.view(&*source);
     let located = locate(name, &view, opts.offset)?;
