@@ -299,14 +299,38 @@ def test_ls_human(indexed: Path, plain: Path, capsys: pytest.CaptureFixture[str]
     assert f"read through its directory at offset {d}" in lines[0]
     assert "OFFSET" in lines[1] and "KIND" in lines[1]
     assert len(lines) == 2 + n + 1
-    assert lines[-1].split() == [str(eof), "1", "eof"]
     assert any(line.split()[2:4] == ["start", "1"] and "ram" in line for line in lines[2:])
+    assert_file_order(lines[2:], eof)
 
     rc, out, _ = main(capsys, "ls", "--scan", str(indexed))
     assert rc == 0 and "not indexed: read by parsing the stream" in out.splitlines()[0]
+    assert_file_order(out.splitlines()[2:], eof)
     rc, out, _ = main(capsys, "ls", str(plain))
     assert rc == 0 and "not indexed: read by parsing the stream" in out.splitlines()[0]
     assert len(out.splitlines()) == 2 + n + 1
+    assert_file_order(out.splitlines()[2:], eof)
+
+
+def assert_file_order(rows: list[str], eof: int) -> None:
+    """The rows of ``ls`` are in offset order: the vmdesc, after the EOF byte, comes last."""
+    offsets = [int(r.split()[0]) for r in rows]
+    assert offsets == sorted(offsets), rows
+    kinds = [r.split()[2] for r in rows]
+    assert kinds[-2:] == ["eof", "vmdesc"], rows
+    assert rows[-2].split() == [str(eof), "1", "eof"]
+    assert offsets[-1] == eof + 1
+
+
+def test_ls_without_vmdesc_ends_with_eof(stream: RealStream, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    with savedir.open(stream.path) as f:
+        eof = f.eof
+    p = tmp_path / "novmdesc.sav"
+    p.write_bytes(stream.read_bytes()[: eof + 1])
+    rc, out, err = main(capsys, "ls", str(p))
+    assert rc == 0 and err == ""
+    rows = out.splitlines()[2:]
+    assert rows[-1].split() == [str(eof), "1", "eof"]
+    assert "vmdesc" not in [r.split()[2] for r in rows]
 
 
 @pytest.mark.parametrize("which,scan", [("indexed", False), ("indexed", True), ("plain", False)])

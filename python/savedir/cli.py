@@ -105,6 +105,17 @@ def _entry_dict(e: savedir.Entry) -> dict[str, Any]:
     return d
 
 
+def _ls_row(e: savedir.Entry) -> str:
+    if e.kind == "command":
+        return f"{e.offset:>12} {e.size:>12}  {e.kind:<13} {'':>4}  {e.command_name or ''}"
+    if e.section_id is not None:
+        return (
+            f"{e.offset:>12} {e.size:>12}  {e.kind:<13} {e.section_id:>4}  {e.name or '':<32} "
+            f"{e.instance_id:>4} {e.version_id:>4}"
+        )
+    return f"{e.offset:>12} {e.size:>12}  {e.kind:<13}"
+
+
 def cmd_ls(a: argparse.Namespace) -> int:
     with savedir.open(a.file, scan=a.scan, progress=_progress(), offset=a.offset) as f:
         entries = f.entries
@@ -135,18 +146,12 @@ def cmd_ls(a: argparse.Namespace) -> int:
         elif f.stream_found_by_scan:
             print(f"stream found at offset {f.stream_start} (behind {f.stream_start} bytes of unknown header)")
         print(f"{'OFFSET':>12} {'SIZE':>12}  {'KIND':<13} {'ID':>4}  {'NAME':<32} {'INST':>4} {'VER':>4}")
-        for e in entries:
-            if e.kind == "command":
-                name = e.command_name or ""
-                print(f"{e.offset:>12} {e.size:>12}  {e.kind:<13} {'':>4}  {name}")
-            elif e.section_id is not None:
-                print(
-                    f"{e.offset:>12} {e.size:>12}  {e.kind:<13} {e.section_id:>4}  {e.name or '':<32} "
-                    f"{e.instance_id:>4} {e.version_id:>4}"
-                )
-            else:
-                print(f"{e.offset:>12} {e.size:>12}  {e.kind:<13}")
-        print(f"{f.eof:>12} {1:>12}  eof")
+        # In file order: the EOF byte comes before the vmdesc that follows it.
+        rows = [(e.offset, _ls_row(e)) for e in entries]
+        rows.append((f.eof, f"{f.eof:>12} {1:>12}  eof"))
+        rows.sort(key=lambda r: r[0])
+        for _, row in rows:
+            print(row)
     return EXIT_OK
 
 
