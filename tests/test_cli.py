@@ -6,7 +6,9 @@ savedir``) in a subprocess; the rest call ``savedir.cli.main`` in process.
 
 from __future__ import annotations
 
+import errno
 import json
+import os
 import re
 import subprocess
 import sys
@@ -270,6 +272,46 @@ def test_missing_file_exits_2(tmp_path: Path, capsys: pytest.CaptureFixture[str]
         rc, out, err = main(capsys, *argv)
         assert rc == 2 and out == "", argv
         assert missing in err and "Traceback" not in err, (argv, err)
+
+
+def test_missing_file_names_the_file_and_the_reason_once(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    missing = str(tmp_path / "missing.sav")
+    line = f"{missing}: cannot open: No such file or directory"
+    for argv in (["verify", missing], ["index", missing], ["ls", missing], ["strip", missing]):
+        rc, out, err = main(capsys, *argv)
+        assert (rc, out, err) == (2, "", f"savedir: {line}\n"), argv
+    rc, out, err = main(capsys, "verify", "--json", missing)
+    assert rc == 2 and json.loads(out)[0]["message"] == line
+    r = run("verify", missing, text=True)
+    assert (r.returncode, r.stderr) == (2, f"savedir: {line}\n")
+    for fn in (savedir.verify, savedir.open, savedir.index, savedir.strip):
+        with pytest.raises(FileNotFoundError) as info:
+            fn(missing)
+        e = info.value
+        assert (e.errno, e.strerror, e.filename) == (errno.ENOENT, "cannot open: No such file or directory", missing)
+        assert str(e) == f"[Errno 2] cannot open: No such file or directory: {missing!r}"
+
+
+def test_read_only_file_names_the_file_and_the_reason_once(plain: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    plain.chmod(0o444)
+    reason = "cannot write: the file is read-only (no write permission bits)"
+    with pytest.raises(PermissionError) as info:
+        savedir.index(plain)
+    e = info.value
+    assert (e.errno, e.strerror, e.filename) == (errno.EACCES, reason, str(plain))
+    assert str(e) == f"[Errno 13] {reason}: {str(plain)!r}"
+    rc, out, err = main(capsys, "index", str(plain))
+    assert (rc, out, err) == (2, "", f"savedir: {plain}: {reason}\n")
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root reads files without read permission")
+def test_unreadable_file_names_the_file_and_the_reason_once(plain: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    plain.chmod(0)
+    with pytest.raises(PermissionError) as info:
+        savedir.verify(plain)
+    assert (info.value.errno, info.value.strerror) == (errno.EACCES, "cannot open: Permission denied")
+    rc, out, err = main(capsys, "verify", str(plain))
+    assert (rc, err) == (2, f"savedir: {plain}: cannot open: Permission denied\n")
 
 
 def test_verify_exit_codes(indexed: Path, plain: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

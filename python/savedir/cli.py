@@ -31,6 +31,13 @@ def _err(msg: str) -> None:
     print(f"savedir: {msg}", file=sys.stderr)
 
 
+def _message(exc: BaseException) -> str:
+    """``vm.sav: cannot open: No such file or directory``: the file and the reason, once each."""
+    if isinstance(exc, OSError) and exc.strerror and exc.filename is not None:
+        return f"{exc.filename}: {exc.strerror}"
+    return str(exc)
+
+
 def _status(exc: BaseException) -> int:
     return EXIT_INVALID if isinstance(exc, SavedirError) else EXIT_ERROR
 
@@ -42,7 +49,7 @@ def _each(paths: Sequence[str], fn: Callable[[str], int]) -> int:
         try:
             status = fn(p)
         except (SavedirError, OSError) as e:
-            _err(str(e))
+            _err(_message(e))
             status = _status(e)
         worst = max(worst, status)
     return worst
@@ -77,7 +84,7 @@ def cmd_verify(a: argparse.Namespace) -> int:
         except (SavedirError, OSError) as e:
             if not a.json:
                 raise
-            results.append({"path": p, "ok": False, "check": None, "offset": getattr(e, "offset", None), "message": str(e)})
+            results.append({"path": p, "ok": False, "check": None, "offset": getattr(e, "offset", None), "message": _message(e)})
             return _status(e)
         results.append(r.to_dict())
         if not a.json:
@@ -288,7 +295,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             pass
         return EXIT_OK
     except (SavedirError, OSError) as e:
-        _err(str(e))
+        _err(_message(e))
         return _status(e)
     except KeyboardInterrupt:
         return 130
