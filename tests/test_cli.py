@@ -9,6 +9,7 @@ from __future__ import annotations
 import errno
 import json
 import os
+import random
 import re
 import subprocess
 import sys
@@ -314,10 +315,34 @@ def test_unreadable_file_names_the_file_and_the_reason_once(plain: Path, capsys:
     assert (rc, err) == (2, f"savedir: {plain}: cannot open: Permission denied\n")
 
 
+@pytest.mark.parametrize(
+    "content",
+    [b"", b"hello, world\n" * 100, random.Random(7).randbytes(65536), b"QEV"],
+    ids=["empty", "text", "random", "magic-cut-short"],
+)
+@pytest.mark.parametrize("deep", [False, True], ids=["shallow", "deep"])
+def test_verify_a_file_that_is_not_a_stream(content: bytes, deep: bool, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    p = tmp_path / "junk.bin"
+    p.write_bytes(content)
+    opts = ["--deep"] if deep else []
+    rc, out, err = main(capsys, "verify", *opts, str(p))
+    assert rc == 1 and err == ""
+    assert out.startswith(f"{p}: FAILED trailer check at offset 0: not a QEMU migration stream"), out
+    assert "no section directory" not in out
+    rc, out, err = main(capsys, "verify", "--json", *opts, str(p))
+    assert rc == 1
+    (d,) = json.loads(out)
+    assert (d["ok"], d["check"], d["offset"]) == (False, "trailer", 0)
+    assert d["message"].startswith("not a QEMU migration stream")
+    assert d == savedir.verify(p, deep=deep).to_dict()
+    assert p.read_bytes() == content
+
+
 def test_verify_exit_codes(indexed: Path, plain: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     assert main(capsys, "verify", str(indexed))[0] == 0
     rc, out, _ = main(capsys, "verify", str(plain))
     assert rc == 1 and out.startswith(f"{plain}: FAILED trailer check at offset ")
+    assert "no section directory" in out  # a real stream, not indexed
     assert main(capsys, "verify", str(indexed), str(plain))[0] == 1
     assert main(capsys, "verify", str(plain), str(tmp_path / "missing"))[0] == 2
     # a RAM byte changed: only --deep notices

@@ -3,10 +3,11 @@
 use std::path::{Path, PathBuf};
 
 use crate::format::directory::{Check, CheckError, Directory, View};
+use crate::format::error::FormatError;
 use crate::format::stream::{self, describe, ParseOptions};
 
 use super::checksum::crc32c_extents;
-use super::error::Result;
+use super::error::{Error, Result};
 use super::progress::Progress;
 use super::locate::{check_structure, cross_check, find_directory, locate, DirSource};
 use super::source::open_map;
@@ -30,18 +31,36 @@ pub struct VerifyReport {
 pub fn verify(path: &Path, deep: bool, progress: bool, offset: Option<u64>) -> Result<VerifyReport> {
     let (_file, map) = open_map(path)?;
     let data = map.bytes();
-    let stream_start = match locate(path, data, offset) {
-        Ok(l) => l.stream_start,
-        // Not a stream at all: checks 1-3 will say what is wrong with it.
-        Err(_) => offset.unwrap_or(0),
+    let located = locate(path, data, offset);
+    let src = find_directory(path, data)?;
+    let stream_start = match (located, &src) {
+        (Ok(l), _) => l.stream_start,
+        // Neither a stream nor a directory (a text file, random bytes, an
+        // empty file): that is what to say, not that the directory is missing.
+        (Err(Error::Format { source, .. }), None) => return map.check(path, Ok(not_a_stream(path, deep, source))),
+        // A directory without a stream: checks 1-3 will say what is wrong.
+        (Err(_), _) => offset.unwrap_or(0),
     };
-    let src = find_directory(path, data)?.unwrap_or(DirSource { sidecar: None });
+    let src = src.unwrap_or(DirSource { sidecar: None });
     if deep {
         map.advise_sequential();
     }
     let meter = Progress::new(progress && deep, format!("{}: verifying", path.display()), map.len());
     let r = verify_source(path, &src, data, stream_start, deep, &meter);
     map.check(path, Ok(r))
+}
+
+/// The trailer check's failure for a file that holds no stream to find.
+fn not_a_stream(path: &Path, deep: bool, e: FormatError) -> VerifyReport {
+    VerifyReport {
+        path: path.to_path_buf(),
+        ok: false,
+        check: Some(Check::Trailer),
+        offset: Some(e.offset),
+        message: e.message,
+        entries: 0,
+        deep,
+    }
 }
 
 /// Runs the checks on a file's bytes and its directory source.
