@@ -90,7 +90,15 @@ impl Progress {
             if (old == 0) != (total == 0) {
                 i.bar.set_style(style(total));
             }
-            i.bar.reset_eta();
+            // Throughput and ETA are measured from here: the position goes
+            // back to 0 now rather than at the next draw, which would show a
+            // rate of 0 B/s. (One draw per phase, hidden until the bar shows.)
+            if !i.finished.load(Ordering::Acquire) {
+                i.bar.update(|s| {
+                    s.set_len(total);
+                    s.set_pos(0);
+                });
+            }
         }
     }
 
