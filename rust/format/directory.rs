@@ -233,14 +233,24 @@ pub fn check_trailer(v: &View) -> Result<Trailer, CheckError> {
     }
     match v.byte(dir) {
         Some(tag::DIRECTORY) => {}
-        b => return fail(Some(dir), format!("expected the directory marker (0x7d) where the pointer leads, found {}", show_opt(b))),
+        b => {
+            return fail(
+                Some(dir),
+                format!("expected the directory marker (0x7d) where the pointer leads, found {}", show_opt(b)),
+            )
+        }
     }
     if eof >= dir {
         return fail(Some(eof_entry + 1), format!("expected an EOF pointer below the directory ({dir}), found {eof}"));
     }
     match v.byte(eof) {
         Some(tag::EOF) => {}
-        b => return fail(Some(eof), format!("expected the stream's EOF byte (0x00) where the EOF pointer leads, found {}", show_opt(b))),
+        b => {
+            return fail(
+                Some(eof),
+                format!("expected the stream's EOF byte (0x00) where the EOF pointer leads, found {}", show_opt(b)),
+            )
+        }
     }
     Ok(Trailer { dir, eof, len })
 }
@@ -252,9 +262,9 @@ fn show_opt(b: Option<u8>) -> String {
 /// Check 2: decodes the directory that the trailer points to.
 pub fn decode(v: &View, trailer: Trailer, stream_start: u64) -> Result<Directory, CheckError> {
     let end = trailer.len - TRAILER_LEN;
-    let body = v
-        .slice(trailer.dir, end)
-        .ok_or_else(|| CheckError::new(Check::Directory, Some(trailer.dir), "the directory does not lie in one piece"))?;
+    let body = v.slice(trailer.dir, end).ok_or_else(|| {
+        CheckError::new(Check::Directory, Some(trailer.dir), "the directory does not lie in one piece")
+    })?;
     let mut r = Reader::with_base(body, trailer.dir);
     let err = |at: u64, m: String| CheckError::new(Check::Directory, Some(at), m);
     r.u8("the directory marker").map_err(|e| err(e.offset, e.message))?;
@@ -298,13 +308,19 @@ pub fn decode(v: &View, trailer: Trailer, stream_start: u64) -> Result<Directory
             if e.ptr <= trailer.eof || e.ptr >= trailer.dir {
                 return Err(err(
                     e.header_at,
-                    format!("expected the vmdesc pointer between the EOF byte ({}) and the directory ({}), found {}", trailer.eof, trailer.dir, e.ptr),
+                    format!(
+                        "expected the vmdesc pointer between the EOF byte ({}) and the directory ({}), found {}",
+                        trailer.eof, trailer.dir, e.ptr
+                    ),
                 ));
             }
         } else if e.ptr < sections_from || e.ptr >= trailer.eof {
             return Err(err(
                 e.header_at,
-                format!("expected a pointer from {sections_from} to below the EOF byte ({}), found {}", trailer.eof, e.ptr),
+                format!(
+                    "expected a pointer from {sections_from} to below the EOF byte ({}), found {}",
+                    trailer.eof, e.ptr
+                ),
             ));
         }
     }
@@ -354,11 +370,17 @@ fn decode_entry(r: &mut Reader) -> super::error::Result<Decoded> {
         tag::EOF | tag::DIRECTORY => {
             return Err(super::error::FormatError::invalid(
                 header_at,
-                format!("expected an entry, found a second {} entry before the trailer", if t == tag::EOF { "EOF" } else { "DIRECTORY" }),
+                format!(
+                    "expected an entry, found a second {} entry before the trailer",
+                    if t == tag::EOF { "EOF" } else { "DIRECTORY" }
+                ),
             ))
         }
         _ => {
-            return Err(super::error::FormatError::invalid(header_at, format!("expected an entry type, found the unknown type 0x{t:02x}")))
+            return Err(super::error::FormatError::invalid(
+                header_at,
+                format!("expected an entry type, found the unknown type 0x{t:02x}"),
+            ))
         }
     }
     e.kind = Kind::from_tag(t).expect("a known type");
@@ -377,7 +399,10 @@ pub fn cross_check(v: &View, d: &Directory, stream_start: u64) -> Result<(), Che
     if magic != Some(&want[..]) {
         return err(
             stream_start,
-            format!("expected the stream to begin with \"QEVM\" and version 3, found \"{}\"", show_bytes(magic.unwrap_or(&[]))),
+            format!(
+                "expected the stream to begin with \"QEVM\" and version 3, found \"{}\"",
+                show_bytes(magic.unwrap_or(&[]))
+            ),
         );
     }
     let mut live: std::collections::HashMap<u32, Arc<str>> = std::collections::HashMap::new();
@@ -403,7 +428,11 @@ pub fn cross_check(v: &View, d: &Directory, stream_start: u64) -> Result<(), Che
             Kind::Part | Kind::End if !live.contains_key(&e.section_id) => {
                 return err(
                     e.ptr,
-                    format!("a {} section names section id {}, which no earlier START opened", e.kind.as_str(), e.section_id),
+                    format!(
+                        "a {} section names section id {}, which no earlier START opened",
+                        e.kind.as_str(),
+                        e.section_id
+                    ),
                 );
             }
             _ => {}
@@ -418,13 +447,20 @@ pub fn cross_check(v: &View, d: &Directory, stream_start: u64) -> Result<(), Che
         if vm.ptr + 5 + len != d.trailer.dir {
             return err(
                 vm.ptr + 1,
-                format!("expected the vmdesc to end where the directory begins ({}), found it ends at {}", d.trailer.dir, vm.ptr + 5 + len),
+                format!(
+                    "expected the vmdesc to end where the directory begins ({}), found it ends at {}",
+                    d.trailer.dir,
+                    vm.ptr + 5 + len
+                ),
             );
         }
     } else if d.trailer.eof + 1 != d.trailer.dir {
         return err(
             d.trailer.eof + 1,
-            format!("expected the directory right after the EOF byte, found {} bytes between", d.trailer.dir - d.trailer.eof - 1),
+            format!(
+                "expected the directory right after the EOF byte, found {} bytes between",
+                d.trailer.dir - d.trailer.eof - 1
+            ),
         );
     }
     Ok(())

@@ -57,7 +57,11 @@ pub fn parse(data: &[u8]) -> Result<LibvirtHeader> {
         ));
     }
     if !data.starts_with(MAGIC_SAVE) {
-        return Err(FormatError::new(FormatErrorKind::NotAStream, 0, "expected the libvirt magic \"LibvirtQemudSave\""));
+        return Err(FormatError::new(
+            FormatErrorKind::NotAStream,
+            0,
+            "expected the libvirt magic \"LibvirtQemudSave\"",
+        ));
     }
     let word = |i: usize| -> Result<u32> {
         data.get(16 + 4 * i..20 + 4 * i)

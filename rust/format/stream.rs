@@ -231,12 +231,23 @@ enum Phase {
     Header,
     Items,
     /// Inside a RAM section's payload; `eos` once its EOS record was read.
-    Ram { item: Item, eos: bool },
+    Ram {
+        item: Item,
+        eos: bool,
+    },
     /// Inside a PACKAGED command's nested stream, `left` bytes to go.
-    Skip { item: Item, left: u64 },
+    Skip {
+        item: Item,
+        left: u64,
+    },
     /// After the EOF byte at `eof`: a vmdesc may follow.
-    AfterEof { eof: u64 },
-    Done { eof: u64, end: u64 },
+    AfterEof {
+        eof: u64,
+    },
+    Done {
+        eof: u64,
+        end: u64,
+    },
 }
 
 /// Internal: stop parsing for want of bytes, or for an error.
@@ -265,7 +276,10 @@ impl<'a> Win<'a> {
         let mut r = Reader::with_base(self.data, self.base);
         if at > self.end() {
             return Err(if self.last {
-                Stop::Err(FormatError::truncated(self.end(), format!("the stream jumps to offset {at}, past the end of the file")))
+                Stop::Err(FormatError::truncated(
+                    self.end(),
+                    format!("the stream jumps to offset {at}, past the end of the file"),
+                ))
             } else {
                 Stop::NeedMore
             });
@@ -567,7 +581,9 @@ impl StreamParser {
         let Some(h) = w.bytes(self.start, HEADER_LEN)? else {
             // The last window holds fewer than 8 bytes: say what is wrong.
             let rest = w.data.get(self.start.saturating_sub(w.base) as usize..).unwrap_or(&[]);
-            let e = check_header(rest, 0).err().unwrap_or_else(|| FormatError::truncated(0, "the stream header is cut short"));
+            let e = check_header(rest, 0)
+                .err()
+                .unwrap_or_else(|| FormatError::truncated(0, "the stream header is cut short"));
             return Err(Stop::Err(shift(e, self.start)));
         };
         check_header(h, 0).map_err(|e| Stop::Err(shift(e, self.start)))?;
@@ -605,7 +621,10 @@ impl StreamParser {
         let end = match w.byte(eof + 1)? {
             Some(tag::VMDESC) => {
                 let hdr = w.bytes(eof + 1, vmdesc::VMDESC_HEADER)?.ok_or_else(|| {
-                    Stop::Err(FormatError::truncated(eof + 2, "expected the vmdesc's be32 length, found the end of the file"))
+                    Stop::Err(FormatError::truncated(
+                        eof + 2,
+                        "expected the vmdesc's be32 length, found the end of the file",
+                    ))
                 })?;
                 let len = u32::from_be_bytes([hdr[1], hdr[2], hdr[3], hdr[4]]) as u64;
                 let json_at = eof + 1 + vmdesc::VMDESC_HEADER;
@@ -693,7 +712,10 @@ impl StreamParser {
                     let n_at = r.offset();
                     let n = r.be32("the capability count")?;
                     if n > 256 {
-                        return Err(FormatError::invalid(n_at, format!("expected at most 256 capabilities, found {n}")));
+                        return Err(FormatError::invalid(
+                            n_at,
+                            format!("expected at most 256 capabilities, found {n}"),
+                        ));
                     }
                     for _ in 0..n {
                         let c = r.cstr8("a capability name")?;
@@ -743,7 +765,10 @@ impl StreamParser {
             let mut nested = 0;
             if cmd == CMD_PACKAGED {
                 if len != 4 {
-                    return Err(FormatError::invalid(body_at, format!("expected a PACKAGED command of 4 bytes, found {len}")));
+                    return Err(FormatError::invalid(
+                        body_at,
+                        format!("expected a PACKAGED command of 4 bytes, found {len}"),
+                    ));
                 }
                 nested = u32::from_be_bytes([body[0], body[1], body[2], body[3]]) as u64;
             }
@@ -824,7 +849,8 @@ impl StreamParser {
         item.instance_id = instance_id;
         item.version_id = version_id;
         let ram = kind == Kind::Start && &*name == "ram";
-        let sref = SectionRef { name: name.clone(), instance_id, version_id, live: kind == Kind::Start, ram, ended: false };
+        let sref =
+            SectionRef { name: name.clone(), instance_id, version_id, live: kind == Kind::Start, ram, ended: false };
         if ram {
             if version_id != RAM_SECTION_VERSION {
                 return Err(Stop::Err(FormatError::unsupported(
@@ -867,7 +893,11 @@ impl StreamParser {
             Some(s) if s.live => {
                 return Err(Stop::Err(FormatError::invalid(
                     id_at,
-                    format!("a {} section continues section id {section_id} ({}), which has ended", kind.as_str(), s.name),
+                    format!(
+                        "a {} section continues section id {section_id} ({}), which has ended",
+                        kind.as_str(),
+                        s.name
+                    ),
                 )))
             }
             _ => {

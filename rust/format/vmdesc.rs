@@ -58,10 +58,13 @@ pub fn locate_at(data: &[u8], at: u64) -> Result<VmdescLocation> {
         Some(b) => {
             return Err(FormatError::invalid(at, format!("expected the vmdesc type byte 0x06, found 0x{b:02x}")))
         }
-        None => return Err(FormatError::truncated(at, "expected the vmdesc type byte 0x06, found the end of the file")),
+        None => {
+            return Err(FormatError::truncated(at, "expected the vmdesc type byte 0x06, found the end of the file"))
+        }
     }
-    let json_len = be32_at(data, at + 1)
-        .ok_or_else(|| FormatError::truncated(at + 1, "expected the vmdesc's be32 length, found the end of the file"))?;
+    let json_len = be32_at(data, at + 1).ok_or_else(|| {
+        FormatError::truncated(at + 1, "expected the vmdesc's be32 length, found the end of the file")
+    })?;
     let loc = VmdescLocation { offset: at, json_len };
     if loc.end() > data.len() as u64 {
         return Err(FormatError::truncated(
@@ -111,9 +114,8 @@ fn check_candidate(data: &[u8], eof: u64, end: u64) -> Option<VmdescLocation> {
 
 /// Parses the vmdesc JSON at `loc`.
 pub fn parse(data: &[u8], loc: VmdescLocation) -> Result<Vmdesc> {
-    let json = loc
-        .json(data)
-        .ok_or_else(|| FormatError::truncated(loc.offset, "the vmdesc runs past the end of the file"))?;
+    let json =
+        loc.json(data).ok_or_else(|| FormatError::truncated(loc.offset, "the vmdesc runs past the end of the file"))?;
     parse_json(json, loc.offset + VMDESC_HEADER)
 }
 
@@ -132,10 +134,8 @@ fn from_value(v: &Value) -> std::result::Result<Vmdesc, String> {
         let devs = devs.as_array().ok_or("expected the vmdesc's \"devices\" to be a list")?;
         devices.reserve(devs.len());
         for (i, d) in devs.iter().enumerate() {
-            let name = d
-                .get("name")
-                .and_then(Value::as_str)
-                .ok_or_else(|| format!("vmdesc device #{i} has no \"name\""))?;
+            let name =
+                d.get("name").and_then(Value::as_str).ok_or_else(|| format!("vmdesc device #{i} has no \"name\""))?;
             let instance_id = d
                 .get("instance_id")
                 .and_then(Value::as_u64)
@@ -208,10 +208,8 @@ mod tests {
 
     #[test]
     fn refuses_overflowing_sizes() {
-        let v: Value = serde_json::from_str(
-            r#"{"fields":[{"name":"a","array_len":18446744073709551615,"size":2}]}"#,
-        )
-        .unwrap();
+        let v: Value =
+            serde_json::from_str(r#"{"fields":[{"name":"a","array_len":18446744073709551615,"size":2}]}"#).unwrap();
         assert_eq!(vmsd_size(&v, 0), None);
     }
 

@@ -70,10 +70,14 @@ pub fn open_for_writing(path: &Path) -> Result<File> {
         return Err(Error::io(
             path,
             "write",
-            std::io::Error::new(std::io::ErrorKind::PermissionDenied, "the file is read-only (no write permission bits)"),
+            std::io::Error::new(
+                std::io::ErrorKind::PermissionDenied,
+                "the file is read-only (no write permission bits)",
+            ),
         ));
     }
-    let file = FsOpenOptions::new().read(true).write(true).open(path).map_err(|e| Error::io(path, "open for writing", e))?;
+    let file =
+        FsOpenOptions::new().read(true).write(true).open(path).map_err(|e| Error::io(path, "open for writing", e))?;
     file.lock().map_err(|e| Error::io(path, "lock", e))?;
     Ok(file)
 }
@@ -90,7 +94,10 @@ pub fn check_folder_writable(path: &Path) -> Result<()> {
         return Err(Error::io(
             folder,
             "create files in",
-            std::io::Error::new(std::io::ErrorKind::PermissionDenied, "the folder is read-only (no write permission bits)"),
+            std::io::Error::new(
+                std::io::ErrorKind::PermissionDenied,
+                "the folder is read-only (no write permission bits)",
+            ),
         ));
     }
     Ok(())
@@ -145,7 +152,10 @@ pub fn index(path: &Path, opts: &IndexOptions) -> Result<IndexReport> {
         return Err(Error::TrailingData {
             path: path.to_path_buf(),
             offset: s.end,
-            message: format!("{}; a sidecar describes a file that ends with its stream", describe_trailing(data, s.end)),
+            message: format!(
+                "{}; a sidecar describes a file that ends with its stream",
+                describe_trailing(data, s.end)
+            ),
         });
     }
     let crcs = opts.checksums.then(|| {

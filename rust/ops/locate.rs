@@ -132,7 +132,12 @@ pub fn check_directory(src: &DirSource, data: &[u8], stream_start: u64) -> std::
 }
 
 /// Check 3 alone, after [`check_structure`].
-pub fn cross_check(src: &DirSource, data: &[u8], d: &Directory, stream_start: u64) -> std::result::Result<(), CheckError> {
+pub fn cross_check(
+    src: &DirSource,
+    data: &[u8],
+    d: &Directory,
+    stream_start: u64,
+) -> std::result::Result<(), CheckError> {
     directory::cross_check(&src.view(data), d, stream_start).map_err(|mut e| {
         if let Some((p, _)) = &src.sidecar {
             e.message = format!("sidecar {}: {}", p.display(), e.message);

@@ -10,8 +10,8 @@ use crate::format::vmdesc::{self, VmdescLocation};
 use crate::format::{tag, Kind};
 
 use super::error::{Error, Result};
-use super::progress::Progress;
 use super::locate::{check_directory, find_directory, locate, DirSource, Located};
+use super::progress::Progress;
 use super::source::{open_map, Map};
 
 /// One top-level item of a stream, as `ls` shows it: the item, and the
@@ -146,10 +146,8 @@ fn from_directory(path: &Path, map: &Arc<Map>, src: DirSource, dir: Directory, l
         .iter()
         .find(|s| s.kind == Kind::Vmdesc)
         .map(|s| VmdescLocation { offset: s.offset, json_len: (s.size() - vmdesc::VMDESC_HEADER) as u32 });
-    let machine_type = entries
-        .iter()
-        .find(|s| s.kind == Kind::Configuration)
-        .and_then(|s| machine_type_at(data, s.offset));
+    let machine_type =
+        entries.iter().find(|s| s.kind == Kind::Configuration).and_then(|s| machine_type_at(data, s.offset));
     SaveFile {
         path: path.to_path_buf(),
         map: map.clone(),

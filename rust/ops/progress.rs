@@ -141,11 +141,7 @@ impl Inner {
             return;
         }
         // One thread draws; the others go on with their work.
-        if self
-            .next
-            .compare_exchange(next, now + nanos(self.interval), Ordering::AcqRel, Ordering::Relaxed)
-            .is_err()
-        {
+        if self.next.compare_exchange(next, now + nanos(self.interval), Ordering::AcqRel, Ordering::Relaxed).is_err() {
             return;
         }
         if self.finished.load(Ordering::Acquire) {

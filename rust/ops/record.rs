@@ -87,7 +87,10 @@ impl Recorder {
             return Err(Error::io(
                 path,
                 "write",
-                std::io::Error::new(std::io::ErrorKind::PermissionDenied, "the file is read-only (no write permission bits)"),
+                std::io::Error::new(
+                    std::io::ErrorKind::PermissionDenied,
+                    "the file is read-only (no write permission bits)",
+                ),
             ));
         }
         let file = FsOpenOptions::new()
@@ -189,7 +192,9 @@ impl Recorder {
                         fd,
                         (self.flushed - STEP) as i64,
                         STEP as i64,
-                        libc::SYNC_FILE_RANGE_WAIT_BEFORE | libc::SYNC_FILE_RANGE_WRITE | libc::SYNC_FILE_RANGE_WAIT_AFTER,
+                        libc::SYNC_FILE_RANGE_WAIT_BEFORE
+                            | libc::SYNC_FILE_RANGE_WRITE
+                            | libc::SYNC_FILE_RANGE_WAIT_AFTER,
                     );
                 }
             }
@@ -278,7 +283,10 @@ impl Recorder {
                 FormatError::new(
                     e.kind,
                     e.offset,
-                    format!("the stream stopped after {} bytes: {}; no directory was written", self.received, e.message),
+                    format!(
+                        "the stream stopped after {} bytes: {}; no directory was written",
+                        self.received, e.message
+                    ),
                 )
             } else {
                 FormatError::new(e.kind, e.offset, format!("{}; no directory was written", e.message))
@@ -323,7 +331,6 @@ impl Recorder {
             sidecar,
         })
     }
-
 }
 
 /// True when every FULL section's payload has the size the vmdesc gives.

@@ -130,7 +130,8 @@ extern "C" fn handler(sig: libc::c_int, info: *mut libc::siginfo_t, ctx: *mut c_
         let prev = std::ptr::addr_of!(PREVIOUS).read();
         match prev {
             Some(p) if p.sa_flags & libc::SA_SIGINFO != 0 && p.sa_sigaction > 1 => {
-                let f: extern "C" fn(libc::c_int, *mut libc::siginfo_t, *mut c_void) = std::mem::transmute(p.sa_sigaction);
+                let f: extern "C" fn(libc::c_int, *mut libc::siginfo_t, *mut c_void) =
+                    std::mem::transmute(p.sa_sigaction);
                 f(sig, info, ctx);
             }
             Some(p) if p.sa_sigaction > 1 => {

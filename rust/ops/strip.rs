@@ -47,7 +47,11 @@ pub fn strip(path: &Path, opts: &StripOptions) -> Result<StripReport> {
         Some(d) => d,
         None => {
             // Find the stream's real end by parsing it; never trust the tail.
-            let s = map.check(path, stream::parse(data, ParseOptions::new(stream_start, super::locate::end_hint(data))).map_err(|e| Error::format(path, e)))?;
+            let s = map.check(
+                path,
+                stream::parse(data, ParseOptions::new(stream_start, super::locate::end_hint(data)))
+                    .map_err(|e| Error::format(path, e)),
+            )?;
             if s.end < len && data[s.end as usize] != tag::DIRECTORY && !opts.force {
                 return Err(Error::TrailingData {
                     path: path.to_path_buf(),

@@ -8,8 +8,8 @@ use crate::format::stream::{self, describe, ParseOptions};
 
 use super::checksum::crc32c_extents;
 use super::error::{Error, Result};
-use super::progress::Progress;
 use super::locate::{check_structure, cross_check, find_directory, locate, DirSource};
+use super::progress::Progress;
 use super::source::open_map;
 
 /// The outcome of verifying one file.
@@ -119,7 +119,12 @@ pub fn verify_source(
 }
 
 /// Check 4: parse the stream and compare it with the directory; checksums.
-fn deep_check(view: &View, dir: &Directory, stream_start: u64, meter: &Progress) -> std::result::Result<(), CheckError> {
+fn deep_check(
+    view: &View,
+    dir: &Directory,
+    stream_start: u64,
+    meter: &Progress,
+) -> std::result::Result<(), CheckError> {
     let fail = |at: u64, m: String| Err(CheckError::new(Check::Deep, Some(at), m));
     let t = dir.trailer;
     // The stream lies wholly in the head of the view.
@@ -145,18 +150,32 @@ fn deep_check(view: &View, dir: &Directory, stream_start: u64, meter: &Progress)
         if e.kind != item.kind || e.ptr != item.offset {
             return fail(
                 item.offset.min(e.ptr),
-                format!("the stream has {} at {}, the directory has a {} entry at {}", describe(item), item.offset, e.kind.as_str(), e.ptr),
+                format!(
+                    "the stream has {} at {}, the directory has a {} entry at {}",
+                    describe(item),
+                    item.offset,
+                    e.kind.as_str(),
+                    e.ptr
+                ),
             );
         }
         if extents[i] != (item.offset, item.end) {
             return fail(
                 item.end.min(extents[i].1),
-                format!("{} ends at {}, but the directory's next pointer says {}", describe(item), item.end, extents[i].1),
+                format!(
+                    "{} ends at {}, but the directory's next pointer says {}",
+                    describe(item),
+                    item.end,
+                    extents[i].1
+                ),
             );
         }
     }
     if let Some(e) = dir.entries.get(s.items.len()) {
-        return fail(e.ptr, format!("the directory has a {} entry at {} that the stream lacks", e.kind.as_str(), e.ptr));
+        return fail(
+            e.ptr,
+            format!("the directory has a {} entry at {} that the stream lacks", e.kind.as_str(), e.ptr),
+        );
     }
     let with_crc: Vec<usize> = (0..dir.entries.len()).filter(|&i| dir.entries[i].crc32c.is_some()).collect();
     let ext: Vec<(u64, u64)> = with_crc.iter().map(|&i| extents[i]).collect();

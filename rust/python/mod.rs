@@ -6,9 +6,9 @@ use std::path::PathBuf;
 use std::sync::Arc;
 
 use pyo3::exceptions::PyValueError;
+use pyo3::ffi;
 use pyo3::prelude::*;
 use pyo3::types::{PyDict, PyList, PyMemoryView};
-use pyo3::ffi;
 
 use crate::format::command_name;
 use crate::ops::{self, Map};
@@ -34,10 +34,10 @@ impl Buffer {
         let bytes = &this.map.bytes()[this.start..this.start + this.len];
         // PyBuffer_FillInfo refuses writable requests for read-only data and
         // keeps a reference to `slf`, which keeps the mapping alive.
-        let ptr = if bytes.is_empty() { std::ptr::NonNull::<u8>::dangling().as_ptr() } else { bytes.as_ptr() as *mut u8 };
-        let rc = unsafe {
-            ffi::PyBuffer_FillInfo(view, slf.as_ptr(), ptr.cast(), bytes.len() as ffi::Py_ssize_t, 1, flags)
-        };
+        let ptr =
+            if bytes.is_empty() { std::ptr::NonNull::<u8>::dangling().as_ptr() } else { bytes.as_ptr() as *mut u8 };
+        let rc =
+            unsafe { ffi::PyBuffer_FillInfo(view, slf.as_ptr(), ptr.cast(), bytes.len() as ffi::Py_ssize_t, 1, flags) };
         if rc == -1 {
             return Err(PyErr::fetch(slf.py()));
         }
@@ -301,7 +301,13 @@ fn index<'py>(
 /// Verifies a file's directory.
 #[pyfunction]
 #[pyo3(signature = (path, deep=false, progress=false, offset=None))]
-fn verify<'py>(py: Python<'py>, path: PathBuf, deep: bool, progress: bool, offset: Option<u64>) -> PyResult<Bound<'py, PyDict>> {
+fn verify<'py>(
+    py: Python<'py>,
+    path: PathBuf,
+    deep: bool,
+    progress: bool,
+    offset: Option<u64>,
+) -> PyResult<Bound<'py, PyDict>> {
     let r = py.detach(|| ops::verify(&path, deep, progress, offset)).map_err(|e| to_pyerr(py, e))?;
     verify_dict(py, &r)
 }
@@ -401,9 +407,7 @@ fn record_stdin<'py>(
     sidecar: bool,
 ) -> PyResult<Bound<'py, PyDict>> {
     let opts = ops::RecordOptions { checksums, progress, sidecar };
-    let r = py
-        .detach(|| ops::record_stdin(&path, opts))
-        .map_err(|e| to_pyerr(py, e))?;
+    let r = py.detach(|| ops::record_stdin(&path, opts)).map_err(|e| to_pyerr(py, e))?;
     record_dict(py, &r)
 }
 
