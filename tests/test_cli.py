@@ -6,7 +6,10 @@ savedir``) in a subprocess; the rest call ``savedir.cli.main`` in process.
 
 from __future__ import annotations
 
+import errno
 import json
+import os
+import random
 import re
 import subprocess
 import sys
@@ -273,10 +276,74 @@ def test_missing_file_exits_2(tmp_path: Path, capsys: pytest.CaptureFixture[str]
         assert missing in err and "Traceback" not in err, (argv, err)
 
 
+def test_missing_file_names_the_file_and_the_reason_once(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    missing = str(tmp_path / "missing.sav")
+    line = f"{missing}: cannot open: No such file or directory"
+    for argv in (["verify", missing], ["index", missing], ["ls", missing], ["strip", missing]):
+        rc, out, err = main(capsys, *argv)
+        assert (rc, out, err) == (2, "", f"savedir: {line}\n"), argv
+    rc, out, err = main(capsys, "verify", "--json", missing)
+    assert rc == 2 and json.loads(out)[0]["message"] == line
+    r = run("verify", missing, text=True)
+    assert (r.returncode, r.stderr) == (2, f"savedir: {line}\n")
+    for fn in (savedir.verify, savedir.open, savedir.index, savedir.strip):
+        with pytest.raises(FileNotFoundError) as info:
+            fn(missing)
+        e = info.value
+        assert (e.errno, e.strerror, e.filename) == (errno.ENOENT, "cannot open: No such file or directory", missing)
+        assert str(e) == f"[Errno 2] cannot open: No such file or directory: {missing!r}"
+
+
+def test_read_only_file_names_the_file_and_the_reason_once(plain: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    plain.chmod(0o444)
+    reason = "cannot write: the file is read-only (no write permission bits)"
+    with pytest.raises(PermissionError) as info:
+        savedir.index(plain)
+    e = info.value
+    assert (e.errno, e.strerror, e.filename) == (errno.EACCES, reason, str(plain))
+    assert str(e) == f"[Errno 13] {reason}: {str(plain)!r}"
+    rc, out, err = main(capsys, "index", str(plain))
+    assert (rc, out, err) == (2, "", f"savedir: {plain}: {reason}\n")
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root reads files without read permission")
+def test_unreadable_file_names_the_file_and_the_reason_once(plain: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    plain.chmod(0)
+    with pytest.raises(PermissionError) as info:
+        savedir.verify(plain)
+    assert (info.value.errno, info.value.strerror) == (errno.EACCES, "cannot open: Permission denied")
+    rc, out, err = main(capsys, "verify", str(plain))
+    assert (rc, err) == (2, f"savedir: {plain}: cannot open: Permission denied\n")
+
+
+@pytest.mark.parametrize(
+    "content",
+    [b"", b"hello, world\n" * 100, random.Random(7).randbytes(65536), b"QEV"],
+    ids=["empty", "text", "random", "magic-cut-short"],
+)
+@pytest.mark.parametrize("deep", [False, True], ids=["shallow", "deep"])
+def test_verify_a_file_that_is_not_a_stream(content: bytes, deep: bool, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    p = tmp_path / "junk.bin"
+    p.write_bytes(content)
+    opts = ["--deep"] if deep else []
+    rc, out, err = main(capsys, "verify", *opts, str(p))
+    assert rc == 1 and err == ""
+    assert out.startswith(f"{p}: FAILED trailer check at offset 0: not a QEMU migration stream"), out
+    assert "no section directory" not in out
+    rc, out, err = main(capsys, "verify", "--json", *opts, str(p))
+    assert rc == 1
+    (d,) = json.loads(out)
+    assert (d["ok"], d["check"], d["offset"]) == (False, "trailer", 0)
+    assert d["message"].startswith("not a QEMU migration stream")
+    assert d == savedir.verify(p, deep=deep).to_dict()
+    assert p.read_bytes() == content
+
+
 def test_verify_exit_codes(indexed: Path, plain: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     assert main(capsys, "verify", str(indexed))[0] == 0
     rc, out, _ = main(capsys, "verify", str(plain))
     assert rc == 1 and out.startswith(f"{plain}: FAILED trailer check at offset ")
+    assert "no section directory" in out  # a real stream, not indexed
     assert main(capsys, "verify", str(indexed), str(plain))[0] == 1
     assert main(capsys, "verify", str(plain), str(tmp_path / "missing"))[0] == 2
     # a RAM byte changed: only --deep notices
@@ -300,14 +367,38 @@ def test_ls_human(indexed: Path, plain: Path, capsys: pytest.CaptureFixture[str]
     assert f"read through its directory at offset {d}" in lines[0]
     assert "OFFSET" in lines[1] and "KIND" in lines[1]
     assert len(lines) == 2 + n + 1
-    assert lines[-1].split() == [str(eof), "1", "eof"]
     assert any(line.split()[2:4] == ["start", "1"] and "ram" in line for line in lines[2:])
+    assert_file_order(lines[2:], eof)
 
     rc, out, _ = main(capsys, "ls", "--scan", str(indexed))
     assert rc == 0 and "not indexed: read by parsing the stream" in out.splitlines()[0]
+    assert_file_order(out.splitlines()[2:], eof)
     rc, out, _ = main(capsys, "ls", str(plain))
     assert rc == 0 and "not indexed: read by parsing the stream" in out.splitlines()[0]
     assert len(out.splitlines()) == 2 + n + 1
+    assert_file_order(out.splitlines()[2:], eof)
+
+
+def assert_file_order(rows: list[str], eof: int) -> None:
+    """The rows of ``ls`` are in offset order: the vmdesc, after the EOF byte, comes last."""
+    offsets = [int(r.split()[0]) for r in rows]
+    assert offsets == sorted(offsets), rows
+    kinds = [r.split()[2] for r in rows]
+    assert kinds[-2:] == ["eof", "vmdesc"], rows
+    assert rows[-2].split() == [str(eof), "1", "eof"]
+    assert offsets[-1] == eof + 1
+
+
+def test_ls_without_vmdesc_ends_with_eof(stream: RealStream, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    with savedir.open(stream.path) as f:
+        eof = f.eof
+    p = tmp_path / "novmdesc.sav"
+    p.write_bytes(stream.read_bytes()[: eof + 1])
+    rc, out, err = main(capsys, "ls", str(p))
+    assert rc == 0 and err == ""
+    rows = out.splitlines()[2:]
+    assert rows[-1].split() == [str(eof), "1", "eof"]
+    assert "vmdesc" not in [r.split()[2] for r in rows]
 
 
 @pytest.mark.parametrize("which,scan", [("indexed", False), ("indexed", True), ("plain", False)])

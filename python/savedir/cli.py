@@ -32,6 +32,13 @@ def _err(msg: str) -> None:
     print(f"savedir: {msg}", file=sys.stderr)
 
 
+def _message(exc: BaseException) -> str:
+    """``vm.sav: cannot open: No such file or directory``: the file and the reason, once each."""
+    if isinstance(exc, OSError) and exc.strerror and exc.filename is not None:
+        return f"{exc.filename}: {exc.strerror}"
+    return str(exc)
+
+
 def _status(exc: BaseException) -> int:
     if isinstance(exc, FileLockedError):
         return EXIT_ERROR
@@ -45,7 +52,7 @@ def _each(paths: Sequence[str], fn: Callable[[str], int]) -> int:
         try:
             status = fn(p)
         except (SavedirError, OSError) as e:
-            _err(str(e))
+            _err(_message(e))
             status = _status(e)
         worst = max(worst, status)
     return worst
@@ -86,7 +93,7 @@ def cmd_verify(a: argparse.Namespace) -> int:
         except (SavedirError, OSError) as e:
             if not a.json:
                 raise
-            results.append({"path": p, "ok": False, "check": None, "offset": getattr(e, "offset", None), "message": str(e)})
+            results.append({"path": p, "ok": False, "check": None, "offset": getattr(e, "offset", None), "message": _message(e)})
             return _status(e)
         d = r.to_dict()
         results.append({k: d[k] for k in ("path", "ok", "check", "offset", "message")})
@@ -102,6 +109,17 @@ def cmd_verify(a: argparse.Namespace) -> int:
     if a.json:
         print(json.dumps(results, indent=2))
     return status
+
+
+def _ls_row(e: savedir.Entry) -> str:
+    if e.kind == "command":
+        return f"{e.offset:>12} {e.size:>12}  {e.kind:<13} {'':>4}  {e.command_name or ''}"
+    if e.section_id is not None:
+        return (
+            f"{e.offset:>12} {e.size:>12}  {e.kind:<13} {e.section_id:>4}  {e.name or '':<32} "
+            f"{e.instance_id:>4} {e.version_id:>4}"
+        )
+    return f"{e.offset:>12} {e.size:>12}  {e.kind:<13}"
 
 
 def cmd_ls(a: argparse.Namespace) -> int:
@@ -134,18 +152,12 @@ def cmd_ls(a: argparse.Namespace) -> int:
         elif f.stream_found_by_scan:
             print(f"stream found at offset {f.stream_start} (behind {f.stream_start} bytes of unknown header)")
         print(f"{'OFFSET':>12} {'SIZE':>12}  {'KIND':<13} {'ID':>4}  {'NAME':<32} {'INST':>4} {'VER':>4}")
-        for e in entries:
-            if e.kind == "command":
-                name = e.command_name or ""
-                print(f"{e.offset:>12} {e.size:>12}  {e.kind:<13} {'':>4}  {name}")
-            elif e.section_id is not None:
-                print(
-                    f"{e.offset:>12} {e.size:>12}  {e.kind:<13} {e.section_id:>4}  {e.name or '':<32} "
-                    f"{e.instance_id:>4} {e.version_id:>4}"
-                )
-            else:
-                print(f"{e.offset:>12} {e.size:>12}  {e.kind:<13}")
-        print(f"{f.eof:>12} {1:>12}  eof")
+        # In file order: the EOF byte comes before the vmdesc that follows it.
+        rows = [(e.offset, _ls_row(e)) for e in entries]
+        rows.append((f.eof, f"{f.eof:>12} {1:>12}  eof"))
+        rows.sort(key=lambda r: r[0])
+        for _, row in rows:
+            print(row)
     return EXIT_OK
 
 
@@ -287,7 +299,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             pass
         return EXIT_OK
     except (SavedirError, OSError) as e:
-        _err(str(e))
+        _err(_message(e))
         return _status(e)
     except KeyboardInterrupt:
         return 130

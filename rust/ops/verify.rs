@@ -4,6 +4,7 @@ use std::path::{Path, PathBuf};
 
 use crate::format::directory::{Check, CheckError, Directory, View};
 use crate::format::source::{Limit, ReadAt, SourceError};
+use crate::format::error::FormatError;
 use crate::format::stream::{self, describe, ParseOptions};
 
 use super::checksum::crc32c_extents;
@@ -32,12 +33,17 @@ pub struct VerifyReport {
 /// while it runs.
 pub fn verify(path: &Path, deep: bool, progress: bool, offset: Option<u64>, wait: bool) -> Result<VerifyReport> {
     let (_lock, map) = open_map(path, wait)?;
-    let stream_start = match locate(path, &View::appended(&*map), offset) {
-        Ok(l) => l.stream_start,
-        // Not a stream at all: checks 1-3 will say what is wrong with it.
-        Err(_) => offset.unwrap_or(0),
+    let located = locate(path, &View::appended(&*map), offset);
+    let src = find_directory(path, &*map)?;
+    let stream_start = match (located, &src) {
+        (Ok(l), _) => l.stream_start,
+        // Neither a stream nor a directory (a text file, random bytes, an
+        // empty file): that is what to say, not that the directory is missing.
+        (Err(Error::Format { source, .. }), None) => return map.check(path, Ok(not_a_stream(path, deep, source))),
+        // A directory without a stream: checks 1-3 will say what is wrong.
+        (Err(_), _) => offset.unwrap_or(0),
     };
-    let src = find_directory(path, &*map)?.unwrap_or_default();
+    let src = src.unwrap_or_default();
     if deep {
         map.advise_sequential();
     }
@@ -52,6 +58,19 @@ pub fn verify_open(f: &SaveFile, deep: bool, progress: bool) -> Result<VerifyRep
     let r = verify_source(&f.path, &f.dir_source(), &*f.source, f.stream_start, deep, &meter);
     f.check_changed()?;
     r
+}
+
+/// The trailer check's failure for a file that holds no stream to find.
+fn not_a_stream(path: &Path, deep: bool, e: FormatError) -> VerifyReport {
+    VerifyReport {
+        path: path.to_path_buf(),
+        ok: false,
+        check: Some(Check::Trailer),
+        offset: Some(e.offset),
+        message: e.message,
+        entries: 0,
+        deep,
+    }
 }
 
 /// Runs the checks on a file's bytes and its directory source.

@@ -29,11 +29,23 @@ fn class_name(e: &Error) -> &'static str {
     }
 }
 
+/// What went wrong, once: `cannot open: No such file or directory`, without
+/// the path (Python shows `filename` itself) or Rust's `(os error 2)`.
+fn strerror(op: &str, source: &std::io::Error) -> String {
+    let reason = source.to_string();
+    let reason = match source.raw_os_error() {
+        Some(code) => reason.strip_suffix(&format!(" (os error {code})")).unwrap_or(&reason).to_owned(),
+        None => reason,
+    };
+    format!("cannot {op}: {reason}")
+}
+
 pub fn to_pyerr(py: Python<'_>, e: Error) -> PyErr {
-    if let Error::Io { path, source, .. } = &e {
+    if let Error::Io { path, op, source } = &e {
         // OSError(errno, strerror, filename) picks the right subclass
-        // (FileNotFoundError, PermissionError, ...).
-        let msg = e.to_string();
+        // (FileNotFoundError, PermissionError, ...) and prints as
+        // `[Errno 2] cannot open: No such file or directory: 'vm.sav'`.
+        let filename = path.to_string_lossy().into_owned();
         // Errors savedir makes itself carry a kind, not an errno.
         let errno = source.raw_os_error().or(match source.kind() {
             std::io::ErrorKind::PermissionDenied => Some(13), // EACCES
@@ -42,8 +54,13 @@ pub fn to_pyerr(py: Python<'_>, e: Error) -> PyErr {
             _ => None,
         });
         return match errno {
-            Some(errno) => PyOSError::new_err((errno, msg, path.to_string_lossy().into_owned())),
-            None => PyOSError::new_err(msg),
+            Some(errno) => PyOSError::new_err((errno, strerror(op, source), filename)),
+            None => {
+                // No errno: the whole message, with the path, and .filename set.
+                let err = PyOSError::new_err(e.to_string());
+                let _ = err.value(py).setattr("filename", filename);
+                err
+            }
         };
     }
     let build = || -> PyResult<PyErr> {
