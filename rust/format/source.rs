@@ -39,6 +39,12 @@ pub trait ReadAt: Send + Sync {
     fn request_gap(&self) -> u64 {
         64 << 10
     }
+
+    /// Says that the ranges `(start, end)` will be read soon: a source that
+    /// keeps what it read ([`Cached`]) reads them now in few requests.
+    fn prefetch(&self, ranges: &mut [(u64, u64)]) {
+        let _ = ranges;
+    }
 }
 
 impl ReadAt for [u8] {
@@ -59,6 +65,24 @@ impl ReadAt for [u8] {
 
     fn as_slice(&self) -> Option<&[u8]> {
         Some(self)
+    }
+}
+
+impl<T: ReadAt + ?Sized> ReadAt for std::sync::Arc<T> {
+    fn size(&self) -> u64 {
+        (**self).size()
+    }
+    fn read_at(&self, at: u64, buf: &mut [u8]) -> io::Result<()> {
+        (**self).read_at(at, buf)
+    }
+    fn as_slice(&self) -> Option<&[u8]> {
+        (**self).as_slice()
+    }
+    fn request_gap(&self) -> u64 {
+        (**self).request_gap()
+    }
+    fn prefetch(&self, ranges: &mut [(u64, u64)]) {
+        (**self).prefetch(ranges)
     }
 }
 
@@ -140,10 +164,96 @@ pub fn read_vec(src: &dyn ReadAt, at: u64, len: u64) -> Result<Vec<u8>, SourceEr
     Ok(v)
 }
 
-/// The largest block [`Bytes::prefetch`] reads in one request.
+/// The largest block [`Cached::prefetch`] reads in one request.
 const MAX_BLOCK: u64 = 16 << 20;
+/// Reads up to this size that were not prefetched are kept too.
+const KEEP_SMALL: usize = 64 << 10;
 
-/// Small reads from a source, served from blocks read in few requests.
+/// A source that keeps the blocks it read, for sources where every read is
+/// a request (a Python file object, a remote object, positioned reads on a
+/// network file system): the tail, the directory and the headers are read
+/// once, in few requests ([`ReadAt::prefetch`] coalesces ranges that lie
+/// within [`ReadAt::request_gap`] of each other), however many times the
+/// checks look at them. Only prefetched ranges and small reads are kept, so
+/// a scan that streams the file does not fill memory.
+pub struct Cached<S: ?Sized> {
+    blocks: Mutex<Vec<(u64, std::sync::Arc<[u8]>)>>,
+    src: S,
+}
+
+impl<S: ReadAt> Cached<S> {
+    pub fn new(src: S) -> Self {
+        Cached { blocks: Mutex::new(Vec::new()), src }
+    }
+}
+
+impl<S: ReadAt + ?Sized> Cached<S> {
+    fn lookup(&self, at: u64, len: u64) -> Option<std::sync::Arc<[u8]>> {
+        let blocks = self.blocks.lock().unwrap_or_else(|e| e.into_inner());
+        let end = at.checked_add(len)?;
+        blocks.iter().find(|(b, d)| at >= *b && end <= b + d.len() as u64).map(|(b, d)| {
+            let s = (at - b) as usize;
+            std::sync::Arc::from(&d[s..s + len as usize])
+        })
+    }
+
+    fn keep(&self, at: u64, data: Vec<u8>) {
+        self.blocks.lock().unwrap_or_else(|e| e.into_inner()).push((at, data.into()));
+    }
+}
+
+impl<S: ReadAt + ?Sized> ReadAt for Cached<S> {
+    fn size(&self) -> u64 {
+        self.src.size()
+    }
+
+    fn read_at(&self, at: u64, buf: &mut [u8]) -> io::Result<()> {
+        if let Some(b) = self.lookup(at, buf.len() as u64) {
+            buf.copy_from_slice(&b);
+            return Ok(());
+        }
+        // No lock is held while the source reads.
+        self.src.read_at(at, buf)?;
+        if buf.len() <= KEEP_SMALL {
+            self.keep(at, buf.to_vec());
+        }
+        Ok(())
+    }
+
+    fn as_slice(&self) -> Option<&[u8]> {
+        self.src.as_slice()
+    }
+
+    fn request_gap(&self) -> u64 {
+        self.src.request_gap()
+    }
+
+    fn prefetch(&self, ranges: &mut [(u64, u64)]) {
+        let len = self.size();
+        ranges.sort_unstable();
+        let gap = self.request_gap();
+        let mut groups: Vec<(u64, u64)> = Vec::new();
+        for &(s, e) in ranges.iter() {
+            let (s, e) = (s.min(len), e.min(len));
+            if s >= e || self.lookup(s, e - s).is_some() {
+                continue;
+            }
+            match groups.last_mut() {
+                Some(g) if s <= g.1.saturating_add(gap) && e.max(g.1) - g.0 <= MAX_BLOCK => g.1 = g.1.max(e),
+                _ => groups.push((s, e)),
+            }
+        }
+        for (s, e) in groups {
+            // A failed read is left to the read that needs the bytes to report.
+            let mut v = vec![0u8; (e - s) as usize];
+            if self.src.read_at(s, &mut v).is_ok() {
+                self.keep(s, v);
+            }
+        }
+    }
+}
+
+/// Small reads from a source, for code that asks for many small pieces.
 ///
 /// A read that fails is remembered (see [`Bytes::take_error`]) and answered
 /// with `None`, as a read past the end is: the checks that run over a
@@ -151,13 +261,12 @@ const MAX_BLOCK: u64 = 16 << 20;
 /// check's failure.
 pub struct Bytes<'a> {
     src: &'a dyn ReadAt,
-    blocks: Mutex<Vec<(u64, Vec<u8>)>>,
     error: Mutex<Option<SourceError>>,
 }
 
 impl<'a> Bytes<'a> {
     pub fn new(src: &'a dyn ReadAt) -> Self {
-        Bytes { src, blocks: Mutex::new(Vec::new()), error: Mutex::new(None) }
+        Bytes { src, error: Mutex::new(None) }
     }
 
     pub fn len(&self) -> u64 {
@@ -177,13 +286,6 @@ impl<'a> Bytes<'a> {
         self.error.lock().unwrap_or_else(|e| e.into_inner()).take()
     }
 
-    fn fail(&self, e: SourceError) {
-        let mut slot = self.error.lock().unwrap_or_else(|e| e.into_inner());
-        if slot.is_none() {
-            *slot = Some(e);
-        }
-    }
-
     /// Bytes `at..at + n`: `None` when they are not all in the source (or
     /// could not be read).
     pub fn get(&self, at: u64, n: u64) -> Option<Cow<'a, [u8]>> {
@@ -194,25 +296,13 @@ impl<'a> Bytes<'a> {
         if let Some(all) = self.src.as_slice() {
             return Some(Cow::Borrowed(all.get(usize::try_from(at).ok()?..usize::try_from(end).ok()?)?));
         }
-        {
-            let blocks = self.blocks.lock().unwrap_or_else(|e| e.into_inner());
-            for (b, data) in blocks.iter() {
-                if at >= *b && end <= b + data.len() as u64 {
-                    let s = (at - b) as usize;
-                    return Some(Cow::Owned(data[s..s + n as usize].to_vec()));
-                }
-            }
-        }
-        // Not prefetched: one read of its own (no lock is held meanwhile).
         match read_vec(self.src, at, n) {
-            Ok(v) => {
-                if n <= 64 << 10 {
-                    self.blocks.lock().unwrap_or_else(|e| e.into_inner()).push((at, v.clone()));
-                }
-                Some(Cow::Owned(v))
-            }
+            Ok(v) => Some(Cow::Owned(v)),
             Err(e) => {
-                self.fail(e);
+                let mut slot = self.error.lock().unwrap_or_else(|e| e.into_inner());
+                if slot.is_none() {
+                    *slot = Some(e);
+                }
                 None
             }
         }
@@ -234,41 +324,11 @@ impl<'a> Bytes<'a> {
         })
     }
 
-    /// Reads the ranges `(start, end)` (clipped to the source) in as few
-    /// requests as the source's [`ReadAt::request_gap`] allows, so that later
-    /// [`get`](Self::get)s inside them cost no request. A no-op on a slice.
+    /// See [`ReadAt::prefetch`]; a no-op on a slice.
     pub fn prefetch(&self, ranges: &mut [(u64, u64)]) {
-        if self.src.as_slice().is_some() || ranges.is_empty() {
-            return;
+        if self.src.as_slice().is_none() && !ranges.is_empty() {
+            self.src.prefetch(ranges);
         }
-        let len = self.len();
-        ranges.sort_unstable();
-        let gap = self.src.request_gap();
-        let mut groups: Vec<(u64, u64)> = Vec::new();
-        for &(s, e) in ranges.iter() {
-            let (s, e) = (s.min(len), e.min(len));
-            if s >= e || self.covered(s, e) {
-                continue;
-            }
-            match groups.last_mut() {
-                Some(g) if s <= g.1.saturating_add(gap) && e.max(g.1) - g.0 <= MAX_BLOCK => g.1 = g.1.max(e),
-                _ => groups.push((s, e)),
-            }
-        }
-        for (s, e) in groups {
-            match read_vec(self.src, s, e - s) {
-                Ok(v) => self.blocks.lock().unwrap_or_else(|e| e.into_inner()).push((s, v)),
-                Err(e) => {
-                    self.fail(e);
-                    return;
-                }
-            }
-        }
-    }
-
-    fn covered(&self, s: u64, e: u64) -> bool {
-        let blocks = self.blocks.lock().unwrap_or_else(|e| e.into_inner());
-        blocks.iter().any(|(b, d)| s >= *b && e <= b + d.len() as u64)
     }
 }
 
@@ -295,15 +355,15 @@ mod tests {
 
     #[test]
     fn prefetch_coalesces_and_serves_later_reads() {
-        let c = Counted { data: (0..=255u8).cycle().take(1 << 20).collect(), reads: AtomicUsize::new(0) };
+        let c = Cached::new(Counted { data: (0..=255u8).cycle().take(1 << 20).collect(), reads: AtomicUsize::new(0) });
         let b = Bytes::new(&c);
         let mut ranges: Vec<(u64, u64)> = (0..1000).map(|i| (i * 500, i * 500 + 10)).collect();
         b.prefetch(&mut ranges);
-        assert_eq!(c.reads.load(Ordering::SeqCst), 1);
+        assert_eq!(c.src.reads.load(Ordering::SeqCst), 1);
         for i in 0..1000u64 {
             assert_eq!(b.byte(i * 500), Some((i * 500 % 256) as u8));
         }
-        assert_eq!(c.reads.load(Ordering::SeqCst), 1);
+        assert_eq!(c.src.reads.load(Ordering::SeqCst), 1);
         assert_eq!(b.get((1 << 20) - 1, 2), None);
         assert!(b.take_error().is_none());
     }

@@ -7,7 +7,7 @@ use std::sync::Arc;
 
 use crate::format::directory::{self, Directory, Trailer, View};
 use crate::format::reader::Reader;
-use crate::format::source::{read_vec, ReadAt};
+use crate::format::source::{read_vec, Cached, ReadAt};
 use crate::format::stream::{self, read_machine_type, ParseOptions, MACHINE_TYPE_MAX};
 use crate::format::vmdesc::{self, VmdescLocation};
 use crate::format::Kind;
@@ -95,7 +95,7 @@ pub fn open(path: &Path, opts: &OpenOptions) -> Result<SaveFile> {
     } else {
         let file = lock.file().try_clone().map_err(|e| Error::io(path, "open", e))?;
         let f = Arc::new(FileSource::new(path, file)?);
-        (f.clone(), Backing::File(f))
+        (Arc::new(Cached::new(f.clone())), Backing::File(f))
     };
     let dir = if opts.scan { None } else { find_directory(path, &*source)? };
     let mut f = open_source(path, source, backing, dir, opts)?;
@@ -113,13 +113,13 @@ pub fn open_source(
     dir: Option<DirSource>,
     opts: &OpenOptions,
 ) -> Result<SaveFile> {
-    // Without a directory source given, an appended directory is looked for.
-    let dir = match dir {
-        None if !opts.scan && directory::check_trailer(&View::appended(&*source)).is_ok() => Some(DirSource::default()),
-        d => d,
-    };
     let dsrc = dir.clone().unwrap_or_default();
     let view = dsrc.view(&*source);
+    // Without a directory source given, an appended directory is looked for.
+    let dir = match dir {
+        None if !opts.scan && directory::check_trailer(&view).is_ok() => Some(dsrc.clone()),
+        d => d,
+    };
     let located = locate(name, &view, opts.offset)?;
     let mut f = SaveFile {
         path: name.to_path_buf(),

@@ -25,7 +25,7 @@ fn class_name(e: &Error) -> &'static str {
         Error::NotFound { .. } => "SectionNotFoundError",
         Error::Changed { .. } => "FileChangedError",
         Error::Locked { .. } => "FileLockedError",
-        Error::Read { .. } => "OSError",
+        Error::Read { .. } => unreachable!("an OSError, made in to_pyerr"),
     }
 }
 
@@ -63,6 +63,15 @@ pub fn to_pyerr(py: Python<'_>, e: Error) -> PyErr {
             }
         };
     }
+    if let Error::Read { path, source, offset, .. } = &e {
+        // A byte source failed (a file object's read raised, an I/O error):
+        // an OSError with the whole message, the path and the offset.
+        let errno = source.raw_os_error().unwrap_or(libc::EIO);
+        let what = format!("cannot read {} bytes at offset {offset}: {source}", e_len(&e));
+        let err = PyOSError::new_err((errno, what, path.to_string_lossy().into_owned()));
+        let _ = err.value(py).setattr("offset", *offset);
+        return err;
+    }
     let build = || -> PyResult<PyErr> {
         let module = PyModule::import(py, "savedir.errors")?;
         let cls = module.getattr(class_name(&e))?;
@@ -72,4 +81,11 @@ pub fn to_pyerr(py: Python<'_>, e: Error) -> PyErr {
         Ok(PyErr::from_value(exc))
     };
     build().unwrap_or_else(|err| PyRuntimeError::new_err(format!("{e} (and savedir.errors failed: {err})")))
+}
+
+fn e_len(e: &Error) -> u64 {
+    match e {
+        Error::Read { len, .. } => *len,
+        _ => 0,
+    }
 }

@@ -10,7 +10,7 @@ use pyo3::ffi;
 use pyo3::prelude::*;
 use pyo3::types::{PyBytes, PyDict, PyList, PyMemoryView};
 
-use crate::format::source::{read_vec, ReadAt};
+use crate::format::source::{read_vec, Cached, ReadAt};
 use crate::format::{command_name, Kind};
 use crate::ops::{self, Map};
 
@@ -296,7 +296,7 @@ impl SaveFile {
         let opts = ops::OpenOptions { scan, progress, offset, mmap, wait };
         let f = if source.hasattr("read")? && source.hasattr("seek")? {
             let name = object_name(source);
-            let src: Arc<dyn ReadAt> = Arc::new(PySource::new(source)?);
+            let src: Arc<dyn ReadAt> = Arc::new(Cached::new(PySource::new(source)?));
             py.detach(|| ops::open::open_source(&name, src, ops::open::Backing::Other, None, &opts))
         } else {
             let path: PathBuf = source.extract()?;
