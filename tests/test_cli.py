@@ -14,7 +14,7 @@ import re
 import subprocess
 import sys
 from pathlib import Path
-from typing import Any
+from typing import Callable, Any
 
 import pytest
 import qemu_harness
@@ -311,14 +311,46 @@ def test_read_only_file_names_the_file_and_the_reason_once(plain: Path, capsys: 
     assert (rc, out, err) == (2, "", f"savedir: {plain}: {reason}\n")
 
 
-@pytest.mark.skipif(os.geteuid() == 0, reason="root reads files without read permission")
+def _as_unprivileged(fn: "Callable[[], None]") -> None:
+    """Runs ``fn`` as is, or, for root (who reads any file), in a forked
+    child that has given up root; an assertion there fails the test."""
+    if os.geteuid() != 0:
+        fn()
+        return
+    pid = os.fork()
+    if pid == 0:  # the child: never returns into pytest
+        code = 1
+        try:
+            os.setgroups([])
+            os.setgid(65534)
+            os.setuid(65534)
+            fn()
+            code = 0
+        except BaseException:
+            import traceback
+
+            traceback.print_exc()
+        finally:
+            os._exit(code)
+    _, status = os.waitpid(pid, 0)
+    assert os.waitstatus_to_exitcode(status) == 0, "the check failed in the unprivileged child (see stderr)"
+
+
 def test_unreadable_file_names_the_file_and_the_reason_once(plain: Path, capsys: pytest.CaptureFixture[str]) -> None:
     plain.chmod(0)
-    with pytest.raises(PermissionError) as info:
-        savedir.verify(plain)
-    assert (info.value.errno, info.value.strerror) == (errno.EACCES, "cannot open: Permission denied")
-    rc, out, err = main(capsys, "verify", str(plain))
-    assert (rc, err) == (2, f"savedir: {plain}: cannot open: Permission denied\n")
+    for d in (plain.parent, *plain.parent.parents):
+        if d == Path("/tmp") or d == Path("/"):
+            break
+        d.chmod(d.stat().st_mode | 0o055)  # the unprivileged child may look in
+
+    def check() -> None:
+        with pytest.raises(PermissionError) as info:
+            savedir.verify(plain)
+        assert (info.value.errno, info.value.strerror) == (errno.EACCES, "cannot open: Permission denied")
+        rc, out, err = main(capsys, "verify", str(plain))
+        assert (rc, err) == (2, f"savedir: {plain}: cannot open: Permission denied\n"), err
+
+    _as_unprivileged(check)
 
 
 @pytest.mark.parametrize(
