@@ -69,6 +69,10 @@ __all__ = [
 PathLike = Union[str, "os.PathLike[str]"]
 
 
+def _fspath(p: Optional[PathLike]) -> Optional[str]:
+    return None if p is None else os.fspath(p)
+
+
 class Recorder(io.RawIOBase):
     """A writable binary file that records a migration stream as it arrives.
 
@@ -174,6 +178,7 @@ def index(
     sidecar: bool = False,
     offset: Optional[int] = None,
     wait: bool = False,
+    vmdesc: Optional[PathLike] = None,
 ) -> IndexResult:
     """Appends a section directory to the save file at ``path``.
 
@@ -188,6 +193,12 @@ def index(
     tail, such as QEMU's ``analyze-migration.py``). ``offset`` says where the
     stream starts when savedir cannot find it by itself (it finds QEMU's
     magic at 0, behind a libvirt header, or at a page boundary in the first MiB).
+    ``vmdesc`` names a vmdesc to delimit device sections with when the
+    stream has neither section footers nor a vmdesc of its own (machine types
+    up to 2.3): a JSON file (``savedir desc`` prints one) or a save of the
+    same VM (same QEMU, machine type and devices) that has one. Without it,
+    such a stream's device sections end where the next well-formed section
+    header begins; a stream that parses two ways is refused, never guessed.
     A file that a reader holds open (an open :class:`SaveFile`, in this or
     another process) raises :class:`FileLockedError` at once and is left as
     it is, unless ``wait`` asks to wait until the readers are gone.
@@ -199,12 +210,25 @@ def index(
     False
     """
     return _core.index(
-        os.fspath(path), force=force, checksums=checksums, progress=progress, sidecar=sidecar, offset=offset, wait=wait
+        os.fspath(path),
+        force=force,
+        checksums=checksums,
+        progress=progress,
+        sidecar=sidecar,
+        offset=offset,
+        wait=wait,
+        vmdesc=_fspath(vmdesc),
     )
 
 
 def verify(
-    path: PathLike, *, deep: bool = False, progress: bool = False, offset: Optional[int] = None, wait: bool = False
+    path: PathLike,
+    *,
+    deep: bool = False,
+    progress: bool = False,
+    offset: Optional[int] = None,
+    wait: bool = False,
+    vmdesc: Optional[PathLike] = None,
 ) -> VerifyResult:
     """Checks the directory of ``path``: trailer, directory, cross-check, and
     with ``deep`` the whole stream and every checksum.
@@ -218,10 +242,17 @@ def verify(
     >>> verify("vm.sav", deep=True).ok
     True
     """
-    return _core.verify(os.fspath(path), deep=deep, progress=progress, offset=offset, wait=wait)
+    return _core.verify(os.fspath(path), deep=deep, progress=progress, offset=offset, wait=wait, vmdesc=_fspath(vmdesc))
 
 
-def strip(path: PathLike, *, force: bool = False, offset: Optional[int] = None, wait: bool = False) -> StripResult:
+def strip(
+    path: PathLike,
+    *,
+    force: bool = False,
+    offset: Optional[int] = None,
+    wait: bool = False,
+    vmdesc: Optional[PathLike] = None,
+) -> StripResult:
     """Truncates ``path`` back to the stream's end, removing the directory:
     the file is then byte for byte what QEMU wrote. A sidecar directory is
     deleted.
@@ -231,7 +262,7 @@ def strip(path: PathLike, *, force: bool = False, offset: Optional[int] = None, 
     >>> strip("vm.sav").removed > 0, os.path.getsize("vm.sav") == before
     (True, True)
     """
-    return _core.strip(os.fspath(path), force=force, offset=offset, wait=wait)
+    return _core.strip(os.fspath(path), force=force, offset=offset, wait=wait, vmdesc=_fspath(vmdesc))
 
 
 def open(  # noqa: A001
@@ -242,6 +273,7 @@ def open(  # noqa: A001
     offset: Optional[int] = None,
     mmap: bool = True,
     wait: bool = False,
+    vmdesc: Optional[PathLike] = None,
 ) -> "SaveFile":
     """Opens a save file for reading: a path, or a binary file object with
     ``seek`` and ``read`` (``io.BytesIO``, an open file, an fsspec file).
@@ -271,7 +303,9 @@ def open(  # noqa: A001
     """
     if not (hasattr(source, "read") and hasattr(source, "seek")):
         source = os.fspath(source)
-    return SaveFile(source, scan=scan, progress=progress, offset=offset, mmap=mmap, wait=wait)
+    return SaveFile(
+        source, scan=scan, progress=progress, offset=offset, mmap=mmap, wait=wait, vmdesc=_fspath(vmdesc)
+    )
 
 
 class Section:

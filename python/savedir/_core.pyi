@@ -77,6 +77,7 @@ class SaveFile:
         offset: Optional[int] = None,
         mmap: bool = True,
         wait: bool = False,
+        vmdesc: Optional[_Path] = None,
     ) -> Self: ...
     def close(self) -> None: ...
     @property
@@ -214,8 +215,17 @@ def index(
     sidecar: bool = False,
     offset: Optional[int] = None,
     wait: bool = False,
+    vmdesc: Optional[_Path] = None,
 ) -> IndexResult: ...
 def verify(
-    path: _Path, *, deep: bool = False, progress: bool = False, offset: Optional[int] = None, wait: bool = False
+    path: _Path,
+    *,
+    deep: bool = False,
+    progress: bool = False,
+    offset: Optional[int] = None,
+    wait: bool = False,
+    vmdesc: Optional[_Path] = None,
 ) -> VerifyResult: ...
-def strip(path: _Path, *, force: bool = False, offset: Optional[int] = None, wait: bool = False) -> StripResult: ...
+def strip(
+    path: _Path, *, force: bool = False, offset: Optional[int] = None, wait: bool = False, vmdesc: Optional[_Path] = None
+) -> StripResult: ...

@@ -68,6 +68,7 @@ def cmd_index(a: argparse.Namespace) -> int:
             sidecar=a.sidecar,
             offset=a.offset,
             wait=a.wait,
+            vmdesc=a.vmdesc,
         )
         if a.json:
             print(json.dumps(r.to_dict()))
@@ -89,7 +90,7 @@ def cmd_verify(a: argparse.Namespace) -> int:
 
     def one(p: str) -> int:
         try:
-            r = savedir.verify(p, deep=a.deep, progress=_progress(), offset=a.offset, wait=a.wait)
+            r = savedir.verify(p, deep=a.deep, progress=_progress(), offset=a.offset, wait=a.wait, vmdesc=a.vmdesc)
         except (SavedirError, OSError) as e:
             if not a.json:
                 raise
@@ -123,7 +124,7 @@ def _ls_row(e: savedir.Entry) -> str:
 
 
 def cmd_ls(a: argparse.Namespace) -> int:
-    with savedir.open(a.file, scan=a.scan, progress=_progress(), offset=a.offset, wait=a.wait) as f:
+    with savedir.open(a.file, scan=a.scan, progress=_progress(), offset=a.offset, wait=a.wait, vmdesc=a.vmdesc) as f:
         entries = f.entries
         if a.json:
             out = {
@@ -162,7 +163,7 @@ def cmd_ls(a: argparse.Namespace) -> int:
 
 
 def cmd_cat(a: argparse.Namespace) -> int:
-    with savedir.open(a.file, progress=_progress(), offset=a.offset, wait=a.wait) as f:
+    with savedir.open(a.file, progress=_progress(), offset=a.offset, wait=a.wait, vmdesc=a.vmdesc) as f:
         sec = f.section(a.name, a.instance)
         out = sys.stdout.buffer
         for e in sec.entries:
@@ -172,7 +173,7 @@ def cmd_cat(a: argparse.Namespace) -> int:
 
 
 def cmd_desc(a: argparse.Namespace) -> int:
-    with savedir.open(a.file, progress=_progress(), offset=a.offset, wait=a.wait) as f:
+    with savedir.open(a.file, progress=_progress(), offset=a.offset, wait=a.wait, vmdesc=a.vmdesc) as f:
         raw = f.vmdesc_json
         if raw is None:
             _err(f"{a.file}: the stream has no vmdesc")
@@ -195,7 +196,7 @@ def cmd_record(a: argparse.Namespace) -> int:
 
 def cmd_strip(a: argparse.Namespace) -> int:
     def one(p: str) -> int:
-        r = savedir.strip(p, force=a.force, offset=a.offset, wait=a.wait)
+        r = savedir.strip(p, force=a.force, offset=a.offset, wait=a.wait, vmdesc=a.vmdesc)
         if not a.quiet:
             if r.sidecar:
                 print(f"{p}: removed the sidecar {r.sidecar}")
@@ -233,6 +234,13 @@ def build_parser() -> argparse.ArgumentParser:
                 metavar="N",
                 help="the stream starts at byte N (default: found at 0, behind a libvirt header, "
                 "or at a page boundary in the first MiB)",
+            )
+            sp.add_argument(
+                "--vmdesc",
+                default=None,
+                metavar="FILE",
+                help="delimit device sections by this vmdesc (a JSON file, or a save of the same VM that has one) "
+                "when the stream has neither section footers nor a vmdesc",
             )
         return sp
 

@@ -30,11 +30,21 @@ pub struct IndexOptions {
     pub offset: Option<u64>,
     /// Wait for readers of the file to close it, instead of failing.
     pub wait: bool,
+    /// A vmdesc to delimit device sections with when the stream has none.
+    pub vmdesc: Option<std::sync::Arc<crate::format::vmdesc::Vmdesc>>,
 }
 
 impl Default for IndexOptions {
     fn default() -> Self {
-        IndexOptions { force: false, checksums: true, progress: false, sidecar: false, offset: None, wait: false }
+        IndexOptions {
+            force: false,
+            checksums: true,
+            progress: false,
+            sidecar: false,
+            offset: None,
+            wait: false,
+            vmdesc: None,
+        }
     }
 }
 
@@ -147,6 +157,7 @@ pub fn index(path: &Path, opts: &IndexOptions) -> Result<IndexReport> {
     let meter = Progress::new(opts.progress, format!("{}: indexing", path.display()), map.len());
     let mut tick = |at: u64| meter.set(at);
     let mut popts = ParseOptions::new(stream_start, super::locate::end_hint(&*map));
+    popts.vmdesc = opts.vmdesc.as_deref();
     popts.progress = Some(&mut tick);
     super::testhook::pause("scan:start");
     let s = map.check(path, stream::parse(data, popts).map_err(|e| Error::format(path, e)))?;

@@ -9,7 +9,7 @@ use crate::format::directory::{self, Directory, Trailer, View};
 use crate::format::reader::Reader;
 use crate::format::source::{read_vec, Cached, ReadAt};
 use crate::format::stream::{self, read_machine_type, ParseOptions, MACHINE_TYPE_MAX};
-use crate::format::vmdesc::{self, VmdescLocation};
+use crate::format::vmdesc::{self, Vmdesc, VmdescLocation};
 use crate::format::Kind;
 
 pub use crate::format::directory::Entry;
@@ -32,12 +32,32 @@ pub struct OpenOptions {
     pub mmap: bool,
     /// Wait for a savedir writer at work on the file, instead of failing.
     pub wait: bool,
+    /// A vmdesc to delimit device sections with when the stream has none.
+    pub vmdesc: Option<Arc<Vmdesc>>,
 }
 
 impl Default for OpenOptions {
     fn default() -> Self {
-        OpenOptions { scan: false, progress: false, offset: None, mmap: true, wait: false }
+        OpenOptions { scan: false, progress: false, offset: None, mmap: true, wait: false, vmdesc: None }
     }
+}
+
+/// Reads a vmdesc to delimit another stream's device sections with: a JSON
+/// file (what `savedir desc` prints), or a save that carries one.
+pub fn load_vmdesc(path: &Path) -> Result<Vmdesc> {
+    let data = std::fs::read(path).map_err(|e| Error::io(path, "open", e))?;
+    if data.iter().find(|b| !b.is_ascii_whitespace()) == Some(&b'{') {
+        return vmdesc::parse_json(&data, 0).map_err(|e| Error::format(path, e));
+    }
+    let f = open(path, &OpenOptions::default())?;
+    let json = f.vmdesc_json()?.ok_or_else(|| {
+        Error::format(
+            path,
+            crate::format::error::FormatError::unsupported(0, "expected a vmdesc (JSON, or a save that has one), found a save without one"),
+        )
+    })?;
+    let at = f.vmdesc.map_or(0, |v| v.offset + vmdesc::VMDESC_HEADER);
+    vmdesc::parse_json(&json, at).map_err(|e| Error::format(path, e))
 }
 
 /// What the bytes of an open file come from, for telling whether it changed.
@@ -73,6 +93,8 @@ pub struct SaveFile {
     pub located: Located,
     /// The sidecar the directory was read from, if any.
     pub sidecar: Option<Sidecar>,
+    /// The vmdesc given to delimit device sections with, if any.
+    pub hint: Option<Arc<Vmdesc>>,
     lock: Option<SharedLock>,
 }
 
@@ -136,6 +158,7 @@ pub fn open_source(
         machine_type: None,
         located,
         sidecar: None,
+        hint: opts.vmdesc.clone(),
         lock: None,
     };
     if let (Some(dsrc), false) = (dir, opts.scan) {
@@ -179,6 +202,7 @@ impl SaveFile {
         let mut tick = |at: u64| meter.set(at);
         let mut popts = ParseOptions::new(self.stream_start, super::locate::end_hint(&*self.source));
         popts.progress = Some(&mut tick);
+        popts.vmdesc = self.hint.as_deref();
         super::testhook::pause("scan:start");
         let s = stream::parse_source(&*self.source, popts, None).map_err(|e| Error::source(&self.path, e));
         let s = self.changed_error().map_or(s, Err)?;

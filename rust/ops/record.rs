@@ -305,9 +305,12 @@ impl Recorder {
         // Device sections were found by their footers; the vmdesc, which
         // arrived last, must agree with every size. If a footer's bytes inside
         // device data fooled the parse, read the stream back once to fix it.
+        // Without footers or a vmdesc, device sections were ended at the
+        // next header as the bytes passed: read the stream back once so that
+        // a stream with a second reading is refused, as `index` refuses it.
         let reread = match &desc {
             Some(d) => !devices_agree(&s.items, d),
-            None => false,
+            None => s.footers == Some(false) && s.items.iter().any(|i| i.kind == Kind::Full),
         };
         if reread {
             let map = map_file(&self.path, &self.file)?;

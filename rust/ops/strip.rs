@@ -19,6 +19,8 @@ pub struct StripOptions {
     pub offset: Option<u64>,
     /// Wait for readers of the file to close it, instead of failing.
     pub wait: bool,
+    /// A vmdesc to delimit device sections with when the stream has none.
+    pub vmdesc: Option<std::sync::Arc<crate::format::vmdesc::Vmdesc>>,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -52,7 +54,11 @@ pub fn strip(path: &Path, opts: &StripOptions) -> Result<StripReport> {
             // Find the stream's real end by parsing it; never trust the tail.
             let s = map.check(
                 path,
-                stream::parse(data, ParseOptions::new(stream_start, super::locate::end_hint(&*map)))
+                stream::parse(data, {
+                    let mut popts = ParseOptions::new(stream_start, super::locate::end_hint(&*map));
+                    popts.vmdesc = opts.vmdesc.as_deref();
+                    popts
+                })
                     .map_err(|e| Error::format(path, e)),
             )?;
             if s.end < len && data[s.end as usize] != tag::DIRECTORY && !opts.force {

@@ -6,6 +6,7 @@ use crate::format::directory::{Check, CheckError, Directory, View};
 use crate::format::source::{Limit, ReadAt, SourceError};
 use crate::format::error::FormatError;
 use crate::format::stream::{self, describe, ParseOptions};
+use crate::format::vmdesc::Vmdesc;
 
 use super::checksum::crc32c_extents;
 use super::error::{Error, Result};
@@ -31,7 +32,14 @@ pub struct VerifyReport {
 /// Verifies `path`. I/O errors are `Err`; a file that fails a check is an
 /// `Ok` report with `ok == false`. The shared lock of a reader is held
 /// while it runs.
-pub fn verify(path: &Path, deep: bool, progress: bool, offset: Option<u64>, wait: bool) -> Result<VerifyReport> {
+pub fn verify(
+    path: &Path,
+    deep: bool,
+    progress: bool,
+    offset: Option<u64>,
+    wait: bool,
+    hint: Option<&Vmdesc>,
+) -> Result<VerifyReport> {
     let (_lock, map) = open_map(path, wait)?;
     let located = locate(path, &View::appended(&*map), offset);
     let src = find_directory(path, &*map)?;
@@ -48,14 +56,14 @@ pub fn verify(path: &Path, deep: bool, progress: bool, offset: Option<u64>, wait
         map.advise_sequential();
     }
     let meter = Progress::new(progress && deep, format!("{}: verifying", path.display()), map.len());
-    let r = verify_source(path, &src, &*map, stream_start, deep, &meter);
+    let r = verify_source(path, &src, &*map, stream_start, deep, hint, &meter);
     map.check(path, r)
 }
 
 /// Verifies a file that is open already.
 pub fn verify_open(f: &SaveFile, deep: bool, progress: bool) -> Result<VerifyReport> {
     let meter = Progress::new(progress && deep, format!("{}: verifying", f.path.display()), f.source.size());
-    let r = verify_source(&f.path, &f.dir_source(), &*f.source, f.stream_start, deep, &meter);
+    let r = verify_source(&f.path, &f.dir_source(), &*f.source, f.stream_start, deep, f.hint.as_deref(), &meter);
     f.check_changed()?;
     r
 }
@@ -80,6 +88,7 @@ pub fn verify_source(
     data: &dyn ReadAt,
     stream_start: u64,
     deep: bool,
+    hint: Option<&Vmdesc>,
     meter: &Progress,
 ) -> Result<VerifyReport> {
     let mut entries = 0;
@@ -101,7 +110,7 @@ pub fn verify_source(
             // The long sequential read first: reading one header per entry
             // across a cold file before it would defeat the kernel's
             // read-ahead. Failures are still reported in the checks' order.
-            let deep_res = deep_check(path, data, &dir, stream_start, meter)?;
+            let deep_res = deep_check(path, data, &dir, stream_start, hint, meter)?;
             cross_check(src, &view, &dir, stream_start).and(deep_res)
         }
     };
@@ -168,6 +177,7 @@ fn deep_check(
     data: &dyn ReadAt,
     dir: &Directory,
     stream_start: u64,
+    hint: Option<&Vmdesc>,
     meter: &Progress,
 ) -> Result<std::result::Result<(), CheckError>> {
     let fail = |at: u64, m: String| Ok(Err(CheckError::new(Check::Deep, Some(at), m)));
@@ -181,6 +191,7 @@ fn deep_check(
     let mut feed = |at: u64, b: &[u8]| running.feed(at, b);
     let mut tick = |at: u64| meter.set(at);
     let mut popts = ParseOptions::new(stream_start, t.dir);
+    popts.vmdesc = hint;
     popts.progress = Some(&mut tick);
     super::testhook::pause("scan:start");
     // A slice is parsed whole and checksummed in parallel below; any other

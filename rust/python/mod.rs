@@ -283,7 +283,8 @@ impl SaveFile {
 #[pymethods]
 impl SaveFile {
     #[new]
-    #[pyo3(signature = (source, *, scan=false, progress=false, offset=None, mmap=true, wait=false))]
+    #[pyo3(signature = (source, *, scan=false, progress=false, offset=None, mmap=true, wait=false, vmdesc=None))]
+    #[allow(clippy::too_many_arguments)]
     fn new(
         py: Python<'_>,
         source: &Bound<'_, PyAny>,
@@ -292,8 +293,10 @@ impl SaveFile {
         offset: Option<u64>,
         mmap: bool,
         wait: bool,
+        vmdesc: Option<PathBuf>,
     ) -> PyResult<Self> {
-        let opts = ops::OpenOptions { scan, progress, offset, mmap, wait };
+        let vmdesc = load_hint(py, vmdesc)?;
+        let opts = ops::OpenOptions { scan, progress, offset, mmap, wait, vmdesc };
         let f = if source.hasattr("read")? && source.hasattr("seek")? {
             let name = object_name(source);
             let src: Arc<dyn ReadAt> = Arc::new(Cached::new(PySource::new(source)?));
@@ -571,9 +574,17 @@ impl From<ops::RecordReport> for RecordResult {
     }
 }
 
+/// Reads the vmdesc given by path (a JSON file, or a save that has one).
+fn load_hint(py: Python<'_>, path: Option<PathBuf>) -> PyResult<Option<Arc<crate::format::vmdesc::Vmdesc>>> {
+    match path {
+        None => Ok(None),
+        Some(p) => py.detach(|| ops::open::load_vmdesc(&p)).map(|v| Some(Arc::new(v))).map_err(|e| to_pyerr(py, e)),
+    }
+}
+
 /// Appends a section directory.
 #[pyfunction]
-#[pyo3(signature = (path, *, force=false, checksums=true, progress=false, sidecar=false, offset=None, wait=false))]
+#[pyo3(signature = (path, *, force=false, checksums=true, progress=false, sidecar=false, offset=None, wait=false, vmdesc=None))]
 #[allow(clippy::too_many_arguments)]
 fn index(
     py: Python<'_>,
@@ -584,8 +595,10 @@ fn index(
     sidecar: bool,
     offset: Option<u64>,
     wait: bool,
+    vmdesc: Option<PathBuf>,
 ) -> PyResult<IndexResult> {
-    let opts = ops::IndexOptions { force, checksums, progress, sidecar, offset, wait };
+    let vmdesc = load_hint(py, vmdesc)?;
+    let opts = ops::IndexOptions { force, checksums, progress, sidecar, offset, wait, vmdesc };
     let r = py.detach(|| ops::index(&path, &opts)).map_err(|e| to_pyerr(py, e))?;
     Ok(IndexResult {
         path: lossy(&r.path),
@@ -600,7 +613,7 @@ fn index(
 
 /// Verifies a file's directory.
 #[pyfunction]
-#[pyo3(signature = (path, *, deep=false, progress=false, offset=None, wait=false))]
+#[pyo3(signature = (path, *, deep=false, progress=false, offset=None, wait=false, vmdesc=None))]
 fn verify(
     py: Python<'_>,
     path: PathBuf,
@@ -608,23 +621,28 @@ fn verify(
     progress: bool,
     offset: Option<u64>,
     wait: bool,
+    vmdesc: Option<PathBuf>,
 ) -> PyResult<VerifyResult> {
-    let r = py.detach(|| ops::verify(&path, deep, progress, offset, wait)).map_err(|e| to_pyerr(py, e))?;
+    let hint = load_hint(py, vmdesc)?;
+    let r = py.detach(|| ops::verify(&path, deep, progress, offset, wait, hint.as_deref())).map_err(|e| to_pyerr(py, e))?;
     Ok(VerifyResult::from(r))
 }
 
 /// Truncates a file back to its stream's end.
 #[pyfunction]
-#[pyo3(signature = (path, *, force=false, offset=None, wait=false))]
-fn strip(py: Python<'_>, path: PathBuf, force: bool, offset: Option<u64>, wait: bool) -> PyResult<StripResult> {
-    let opts = ops::StripOptions { force, offset, wait };
+#[pyo3(signature = (path, *, force=false, offset=None, wait=false, vmdesc=None))]
+fn strip(
+    py: Python<'_>,
+    path: PathBuf,
+    force: bool,
+    offset: Option<u64>,
+    wait: bool,
+    vmdesc: Option<PathBuf>,
+) -> PyResult<StripResult> {
+    let vmdesc = load_hint(py, vmdesc)?;
+    let opts = ops::StripOptions { force, offset, wait, vmdesc };
     let r = py.detach(|| ops::strip(&path, &opts)).map_err(|e| to_pyerr(py, e))?;
-    Ok(StripResult {
-        path: lossy(&r.path),
-        removed: r.removed,
-        stream_end: r.stream_end,
-        sidecar: r.sidecar.as_deref().map(lossy),
-    })
+    Ok(StripResult { path: lossy(&r.path), removed: r.removed, stream_end: r.stream_end, sidecar: r.sidecar.as_deref().map(lossy) })
 }
 
 /// Writes a stream to a file as it arrives and appends its directory at the end.

@@ -48,21 +48,45 @@ impl StreamParser {
         &self,
         mut run: impl FnMut(&mut StreamParser) -> std::result::Result<bool, E>,
     ) -> std::result::Result<(), E> {
-        for (item, c) in self.device_choices.iter().take(MAX_AMBIGUITY_CHECKS) {
+        // Without footers, a later section's other end changes fewer
+        // boundaries (an earlier one's would swallow the sections between):
+        // look from the last, to name the smallest difference.
+        let order: Vec<&(Item, Choice)> = if self.footers == Some(false) {
+            self.device_choices.iter().rev().collect()
+        } else {
+            self.device_choices.iter().collect()
+        };
+        for (item, c) in order {
             let mut alt = self.clone();
             alt.device_choices.clear();
             alt.choices.clear();
             alt.first_error = None;
             alt.backtracks = 0;
             alt.vmdesc = None;
+            if self.footers == Some(false) {
+                // Without footers, ending this section at a later item of
+                // this reading would only merge sections: that is no second
+                // reading. Its other ends are bytes this reading read as data.
+                let mut starts: std::collections::HashSet<u64> = self.items.iter().map(|i| i.offset).collect();
+                if let Phase::Done { eof, .. } = self.phase {
+                    starts.insert(eof);
+                }
+                alt.exclude = Some((item.offset, Arc::new(starts)));
+            }
             alt.restore(c.clone());
             if run(&mut alt)? {
                 let end = |p: &StreamParser| p.items.iter().find(|i| i.offset == item.offset).map_or(0, |i| i.end);
+                let why = if self.footers == Some(false) {
+                    "its data holds bytes that look like a section header, and without section footers or a vmdesc \
+                     savedir cannot tell which is right (a vmdesc from a save of the same VM settles it: --vmdesc FILE)"
+                } else {
+                    "its data holds bytes that look like its footer followed by a valid section, and without a vmdesc \
+                     savedir cannot tell which is right"
+                };
                 return Err(E::from(FormatError::unsupported(
                     item.payload_start(),
                     format!(
-                        "{} at offset {} can end at offset {} or at offset {}: its data holds bytes that look like its \
-                         footer followed by a valid section, and without a vmdesc savedir cannot tell which is right",
+                        "{} at offset {} can end at offset {} or at offset {}: {why}",
                         describe(item),
                         item.offset,
                         end(self),
@@ -121,14 +145,7 @@ impl StreamParser {
             _ => payload,
         };
         if self.footers == Some(false) {
-            return Err(Stop::Err(FormatError::unsupported(
-                from,
-                format!(
-                    "cannot find where {} at offset {} ends: the stream has no section footers and no vmdesc describes it",
-                    describe(item),
-                    item.offset
-                ),
-            )));
+            return self.next_header(w, item, from);
         }
         let mut pat = [tag::FOOTER, 0, 0, 0, 0];
         pat[1..].copy_from_slice(&item.section_id.to_be_bytes());
@@ -137,26 +154,7 @@ impl StreamParser {
         while let Some(i) = find(&hay[pos..], &pat) {
             let at = from + (pos + i) as u64;
             if self.plausible_item_at(w, at + FOOTER_LEN)? {
-                self.resume = None;
-                if self.choices.back().is_some_and(|c| c.pos == item.offset) {
-                    // The same section again, after a window that was short.
-                    self.choices.pop_back();
-                }
-                let choice = Choice {
-                    pos: item.offset,
-                    items: self.items.len(),
-                    sections: self.sections.clone(),
-                    footers: self.footers,
-                    next_device: self.next_device,
-                    resynced: self.resynced,
-                    ram: self.ram.clone(),
-                    resume_from: at + 1,
-                };
-                if item.kind == Kind::Full && self.device_choices.len() < MAX_AMBIGUITY_CHECKS {
-                    self.device_choices.retain(|(i, _)| i.offset != item.offset);
-                    self.device_choices.push((item.clone(), choice.clone()));
-                }
-                self.choices.push_back(choice);
+                self.choose(item, at);
                 return Ok(at);
             }
             pos += i + 1;
@@ -175,9 +173,14 @@ impl StreamParser {
             }
             return Err(Stop::NeedMore);
         }
-        // The whole file was searched. With a vmdesc at its end the file is
-        // whole and this section is one savedir cannot delimit; without one,
-        // the likeliest cause is a stream cut short.
+        // The whole file was searched. A stream not yet known to have
+        // footers may have none: end the section at the next header instead.
+        if self.footers.is_none() {
+            return self.next_header(w, item, from);
+        }
+        // With a vmdesc at its end the file is whole and this section is one
+        // savedir cannot delimit; without one, the likeliest cause is a
+        // stream cut short.
         let what = format!("cannot find where {} at offset {} ends", describe(item), item.offset);
         Err(Stop::Err(if self.vmdesc_hint.is_some() {
             FormatError::unsupported(
@@ -193,6 +196,133 @@ impl StreamParser {
                 ),
             )
         }))
+    }
+
+    /// Records that `item` was taken to end at `at` (a footer or a next
+    /// header that nothing confirms yet): where to go back to if the parse
+    /// fails further on, and, for a device section, a reading to check.
+    fn choose(&mut self, item: &Item, at: u64) {
+        self.resume = None;
+        if self.choices.back().is_some_and(|c| c.pos == item.offset) {
+            // The same section again, after a window that was short.
+            self.choices.pop_back();
+        }
+        let choice = Choice {
+            pos: item.offset,
+            items: self.items.len(),
+            sections: self.sections.clone(),
+            footers: self.footers,
+            next_device: self.next_device,
+            resynced: self.resynced,
+            ram: self.ram.clone(),
+            resume_from: at + 1,
+        };
+        if item.kind == Kind::Full && self.device_choices.len() < MAX_AMBIGUITY_CHECKS {
+            self.device_choices.retain(|(i, _)| i.offset != item.offset);
+            self.device_choices.push((item.clone(), choice.clone()));
+        }
+        self.choices.push_back(choice);
+    }
+
+    /// Without footers and without a size from a vmdesc: the payload ends
+    /// where the next well-formed item begins, searched from `from` (see
+    /// [`plausible_next`](Self::plausible_next)). The first such place is
+    /// taken; going back tries the next.
+    fn next_header(&mut self, w: &Win, item: &Item, from: u64) -> Step<u64> {
+        let excluded = match &self.exclude {
+            Some((of, set)) if *of == item.offset => Some(set.clone()),
+            _ => None,
+        };
+        // Nothing after the stream's end counts (an old directory there
+        // copies section headers).
+        let limit = w.end().min(self.end_hint);
+        let mut at = from.max(w.base);
+        while at < limit {
+            let rest = &w.data[(at - w.base) as usize..(limit - w.base) as usize];
+            let Some(i) = rest.iter().position(|&b| matches!(b, tag::EOF..=tag::FULL | tag::COMMAND)) else {
+                break;
+            };
+            at += i as u64;
+            if excluded.as_ref().is_none_or(|set| !set.contains(&at)) && self.plausible_next(w, item, at)? {
+                self.choose(item, at);
+                return Ok(at);
+            }
+            at += 1;
+        }
+        if !w.last && limit == w.end() {
+            if w.end() - from > MAX_PENDING_SECTION {
+                return Err(Stop::Err(FormatError::unsupported(
+                    from,
+                    format!(
+                        "{} at offset {} is followed by no section header in its first {} MiB: too large to hold while the stream arrives",
+                        describe(item),
+                        item.offset,
+                        MAX_PENDING_SECTION >> 20
+                    ),
+                )));
+            }
+            return Err(Stop::NeedMore);
+        }
+        Err(Stop::Err(FormatError::unsupported(
+            from,
+            format!(
+                "cannot find where {} at offset {} ends: the stream has no section footers and no vmdesc, and no \
+                 well-formed section header (nor the EOF byte at the stream's end) follows it in a way that parses \
+                 to the end (a vmdesc from a save of the same VM delimits it: --vmdesc FILE)",
+                describe(item),
+                item.offset
+            ),
+        )))
+    }
+
+    /// Whether the item after `item`, in a stream without footers, can
+    /// begin at `at`: a well-formed header of a kind that may come next. A
+    /// section it opens has an id no earlier section has and, after a device
+    /// section, a larger id than it (QEMU numbers sections as it registers
+    /// them, and writes the device sections in that order); a printable
+    /// name; an instance id below 2^24 and a version id of at most 1000.
+    /// The EOF byte counts only where the stream ends: at the end of the
+    /// data (or of what is thought to be the stream), or before a vmdesc
+    /// that ends there.
+    fn plausible_next(&self, w: &Win, item: &Item, at: u64) -> Step<bool> {
+        let end = self.end_hint.min(if w.last { w.end() } else { u64::MAX });
+        Ok(match w.byte(at)? {
+            Some(tag::EOF) => {
+                if at + 1 == end {
+                    true
+                } else if w.byte(at + 1)? == Some(tag::VMDESC) {
+                    match w.be32(at + 2)? {
+                        Some(len) => at + 1 + vmdesc::VMDESC_HEADER + len as u64 == end,
+                        None => false,
+                    }
+                } else {
+                    false
+                }
+            }
+            Some(t @ (tag::START | tag::FULL)) => {
+                let Some(id) = w.be32(at + 1)? else { return Ok(false) };
+                if self.sections.contains_key(&id) || (item.kind == Kind::Full && t == tag::FULL && id <= item.section_id) {
+                    return Ok(false);
+                }
+                let Some(n) = w.byte(at + 5)? else { return Ok(false) };
+                let Some(rest) = w.bytes(at + 6, n as u64 + 8)? else { return Ok(false) };
+                let name = &rest[..n as usize];
+                let instance = u32::from_be_bytes([rest[n as usize], rest[n as usize + 1], rest[n as usize + 2], rest[n as usize + 3]]);
+                let version = u32::from_be_bytes([rest[n as usize + 4], rest[n as usize + 5], rest[n as usize + 6], rest[n as usize + 7]]);
+                n > 0 && name.iter().all(|&c| (0x21..0x7f).contains(&c)) && instance < 1 << 24 && version <= 1000
+            }
+            Some(tag::PART | tag::END) => {
+                let Some(id) = w.be32(at + 1)? else { return Ok(false) };
+                matches!(self.sections.get(&id), Some(s) if s.live && !s.ended)
+            }
+            Some(tag::COMMAND) => {
+                let Some(b) = w.bytes(at + 1, 4)? else { return Ok(false) };
+                let cmd = u16::from_be_bytes([b[0], b[1]]);
+                let len = u16::from_be_bytes([b[2], b[3]]);
+                (1..=CMD_MAX).contains(&cmd) && len <= 256
+            }
+            _ => false,
+        })
     }
 
     /// A cheap test that a top-level item could start at `at`.

@@ -31,15 +31,20 @@ pub fn parse_source(
     check_header(&head, 0).map_err(|e| shift(e, start))?;
     let end_hint = opts.end_hint.min(size);
     let tail_at = end_hint.saturating_sub(TAIL_WINDOW).max(start);
-    let tail = read_vec(src, tail_at, end_hint - tail_at)?;
-    let hint = vmdesc::find_in_tail(&tail, tail_at, end_hint).and_then(|(_, loc)| {
-        let json = tail.get((loc.offset + vmdesc::VMDESC_HEADER - tail_at) as usize..)?;
-        vmdesc::parse_json(json, loc.offset + vmdesc::VMDESC_HEADER).ok()
-    });
-    drop(tail);
+    let hint = match opts.vmdesc {
+        Some(v) => Some(v.clone()),
+        None => {
+            let tail = read_vec(src, tail_at, end_hint - tail_at)?;
+            vmdesc::find_in_tail(&tail, tail_at, end_hint).and_then(|(_, loc)| {
+                let json = tail.get((loc.offset + vmdesc::VMDESC_HEADER - tail_at) as usize..)?;
+                vmdesc::parse_json(json, loc.offset + vmdesc::VMDESC_HEADER).ok()
+            })
+        }
+    };
     let had_hint = hint.is_some();
     let mut p = StreamParser::new(start, hint);
     p.seekable = true;
+    p.end_hint = end_hint;
     let mut progress = opts.progress;
     let mut tick = |at: u64| {
         if let Some(t) = progress.as_deref_mut() {
@@ -57,6 +62,7 @@ pub fn parse_source(
         if let Some(desc) = p.vmdesc_hint.clone().filter(|_| !had_hint) {
             let mut q = StreamParser::new(start, Some(desc));
             q.seekable = true;
+            q.end_hint = end_hint;
             drive(&mut q, src, &mut |_| {}, &mut |_, _| {}, false)?;
             p = q;
         }

@@ -136,11 +136,14 @@ pub struct ParseOptions<'p> {
     pub end_hint: u64,
     /// Called now and then with the offset reached.
     pub progress: Option<&'p mut dyn FnMut(u64)>,
+    /// A vmdesc to delimit device sections with, instead of the stream's own
+    /// (from another save of the same VM, for a stream that has none).
+    pub vmdesc: Option<&'p Vmdesc>,
 }
 
 impl<'p> ParseOptions<'p> {
     pub fn new(start: u64, end_hint: u64) -> Self {
-        ParseOptions { start, end_hint, progress: None }
+        ParseOptions { start, end_hint, progress: None, vmdesc: None }
     }
 }
 
@@ -182,10 +185,14 @@ pub fn check_header(data: &[u8], start: u64) -> Result<()> {
 /// Parses the stream that starts at `opts.start` in `data` (a whole file).
 pub fn parse(data: &[u8], opts: ParseOptions<'_>) -> Result<Stream> {
     check_header(data, opts.start)?;
-    let hint = vmdesc::find_from_tail(data, opts.end_hint.min(data.len() as u64), VMDESC_WINDOW)
-        .and_then(|(_, loc)| vmdesc::parse(data, loc).ok());
+    let end_hint = opts.end_hint.min(data.len() as u64);
+    let hint = match opts.vmdesc {
+        Some(v) => Some(v.clone()),
+        None => vmdesc::find_from_tail(data, end_hint, VMDESC_WINDOW).and_then(|(_, loc)| vmdesc::parse(data, loc).ok()),
+    };
     let had_hint = hint.is_some();
     let mut p = StreamParser::new(opts.start, hint);
+    p.end_hint = end_hint;
     match p.advance(data, 0, true, opts.progress)? {
         Progress::Done => {}
         Progress::NeedMore => unreachable!("a final window never asks for more"),
@@ -196,6 +203,7 @@ pub fn parse(data: &[u8], opts: ParseOptions<'_>) -> Result<Stream> {
             // parse again with the sizes it gives.
             Some(desc) if !had_hint => {
                 let mut q = StreamParser::new(opts.start, Some(desc));
+                q.end_hint = end_hint;
                 q.advance(data, 0, true, None)?;
                 p = q;
             }
@@ -291,11 +299,19 @@ pub struct StreamParser {
     /// The windows come from a source that can be read anywhere (a file, not
     /// a pipe): a mapped-ram stream is then fine, its page regions skipped.
     seekable: bool,
+    /// Where the stream is thought to end (u64::MAX: the end of the data):
+    /// without footers, an EOF byte counts only there.
+    end_hint: u64,
+    /// For the check for a second reading of a stream without footers: the
+    /// section (by offset) whose other ends are tried, and the offsets where
+    /// the first reading starts items, which those ends may not be (ending
+    /// there would only merge sections of the first reading).
+    exclude: Option<(u64, Arc<std::collections::HashSet<u64>>)>,
 }
 
 /// How many device sections without a size [`parse`] checks for a second
 /// reading.
-const MAX_AMBIGUITY_CHECKS: usize = 64;
+const MAX_AMBIGUITY_CHECKS: usize = 512;
 
 /// The parser's state before a section whose end was found by its footer.
 #[derive(Clone)]
@@ -342,6 +358,8 @@ impl StreamParser {
             first_error: None,
             device_choices: Vec::new(),
             seekable: false,
+            end_hint: u64::MAX,
+            exclude: None,
         }
     }
 

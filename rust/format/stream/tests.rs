@@ -211,3 +211,98 @@ fn single_byte_flips_never_panic() {
         }
     }
 }
+
+/// `sample_stream` without its vmdesc (and, with `footers` false, with
+/// neither footers nor vmdesc: the streams of machine types up to 2.3).
+fn without_vmdesc(footers: bool, cpu: &[u8]) -> Vec<u8> {
+    let mut d = sample_stream_with(footers, cpu);
+    let s = parse(&d, ParseOptions::new(0, d.len() as u64)).unwrap();
+    d.truncate(s.eof as usize + 1);
+    d
+}
+
+#[test]
+fn no_footers_and_no_vmdesc_end_each_section_at_the_next_header() {
+    let with = {
+        let d = sample_stream(false);
+        parse(&d, ParseOptions::new(0, d.len() as u64)).unwrap()
+    };
+    let d = without_vmdesc(false, &[0x7e, 0, 0, 0, 6, 9]);
+    let s = parse(&d, ParseOptions::new(0, d.len() as u64)).unwrap();
+    assert_eq!(s.footers, Some(false));
+    assert_eq!(&s.items[..], &with.items[..with.items.len() - 1]);
+    for chunk in [1, 7, 4099] {
+        assert_eq!(parse_streaming(&d, chunk).unwrap().items, s.items, "chunk {chunk}");
+    }
+}
+
+#[test]
+fn a_planted_header_that_also_parses_is_refused_with_both_ends() {
+    // The timer's data is its 4 bytes, then bytes that look like the cpu
+    // section's header (id 6) with a short payload of its own: one reading
+    // ends the timer at the planted header, another at the real one.
+    let mut d = b"QEVM\0\0\0\x03".to_vec();
+    d.push(tag::FULL);
+    d.extend_from_slice(&5u32.to_be_bytes());
+    d.push(5);
+    d.extend_from_slice(b"timer");
+    d.extend_from_slice(&0u32.to_be_bytes());
+    d.extend_from_slice(&1u32.to_be_bytes());
+    d.extend_from_slice(&[1, 2, 3, 4]);
+    let planted = d.len();
+    let header = |d: &mut Vec<u8>| {
+        d.push(tag::FULL);
+        d.extend_from_slice(&6u32.to_be_bytes());
+        d.push(3);
+        d.extend_from_slice(b"cpu");
+        d.extend_from_slice(&0u32.to_be_bytes());
+        d.extend_from_slice(&1u32.to_be_bytes());
+    };
+    header(&mut d);
+    d.extend_from_slice(&[9, 9]);
+    let real = d.len();
+    header(&mut d);
+    d.extend_from_slice(&[7, 7, 7]);
+    d.push(tag::EOF);
+    let e = parse(&d, ParseOptions::new(0, d.len() as u64)).unwrap_err();
+    assert_eq!(e.kind, FormatErrorKind::Unsupported, "{e}");
+    assert!(e.message.contains(&format!("offset {planted}")) && e.message.contains(&format!("offset {real}")), "{e}");
+    assert!(e.message.contains("\"timer\""), "{e}");
+    // A vmdesc from elsewhere settles it.
+    let timer_size = real - planted + 4;
+    let json = format!(
+        r#"{{"devices":[{{"name":"timer","instance_id":0,"fields":[{{"name":"t","size":{timer_size}}}]}},
+                        {{"name":"cpu","instance_id":0,"fields":[{{"name":"c","size":3}}]}}]}}"#
+    );
+    let desc = crate::format::vmdesc::parse_json(json.as_bytes(), 0).unwrap();
+    let mut opts = ParseOptions::new(0, d.len() as u64);
+    opts.vmdesc = Some(&desc);
+    let s = parse(&d, opts).unwrap();
+    let timer = &s.items[0];
+    assert_eq!(timer.end - timer.offset - timer.header_len, (real - planted + 4) as u64);
+}
+
+#[test]
+fn thousands_of_false_headers_end_in_bounded_work() {
+    // A device whose data holds 5000 headers of sections that never parse
+    // (each claims an id that the next one repeats): every choice fails.
+    let mut d = b"QEVM\0\0\0\x03".to_vec();
+    d.push(tag::FULL);
+    d.extend_from_slice(&5u32.to_be_bytes());
+    d.push(3);
+    d.extend_from_slice(b"cpu");
+    d.extend_from_slice(&0u32.to_be_bytes());
+    d.extend_from_slice(&1u32.to_be_bytes());
+    for i in 0..5000u32 {
+        d.push(tag::FULL);
+        d.extend_from_slice(&(6 + i).to_be_bytes());
+        d.push(1);
+        d.push(b'x');
+        d.extend_from_slice(&0u32.to_be_bytes());
+        d.extend_from_slice(&1u32.to_be_bytes());
+        d.push(0xff);
+    }
+    d.push(0xff);
+    let e = parse(&d, ParseOptions::new(0, d.len() as u64)).unwrap_err();
+    assert!(matches!(e.kind, FormatErrorKind::Unsupported | FormatErrorKind::Invalid), "{e}");
+}
