@@ -110,9 +110,13 @@ def check(tmp: Path, p: Path, twin: Path, setup: sk.Setup) -> None:
 CASES_72 = [
     # machine, machine options for "no vmdesc", full devices?, seconds run
     ("pc-i440fx-1.4", ",suppress-vmdesc=on", True, 0.0),
+    ("pc-i440fx-1.4", ",suppress-vmdesc=on", False, 3.0),
     ("pc-i440fx-2.0", "", True, 3.0),
+    ("pc-i440fx-2.0", "", False, 0.0),
     ("pc-i440fx-2.2", "", False, 0.0),
+    ("pc-i440fx-2.2", "", True, 3.0),
     ("pc-i440fx-2.3", ",suppress-vmdesc=on", True, 3.0),
+    ("pc-i440fx-2.3", ",suppress-vmdesc=on", True, 0.0),
 ]
 
 
