@@ -1,12 +1,10 @@
 //! `savedir._core`: the Python classes over [`crate::ops`]. This layer only
 //! converts; all work runs with the GIL released.
 
-use std::ffi::c_int;
 use std::path::PathBuf;
 use std::sync::Arc;
 
 use pyo3::exceptions::PyValueError;
-use pyo3::ffi;
 use pyo3::prelude::*;
 use pyo3::types::{PyBytes, PyDict, PyList, PyMemoryView};
 
@@ -17,34 +15,24 @@ use crate::ops::{self, Map};
 mod errors;
 use errors::to_pyerr;
 
-/// A read-only, zero-copy view of bytes of a mapped file.
+/// What keeps a mapped file alive while views of it exist: the base object
+/// of the read-only NumPy arrays behind savedir's zero-copy views.
 ///
-/// `memoryview(buf)` and `numpy.frombuffer(buf, dtype=numpy.uint8)` share the
-/// mapping without copying; the mapping stays alive while any view exists.
+/// The stable ABI of CPython 3.9 and 3.10 (which the one abi3 wheel
+/// targets) has no buffer protocol for extension types, so a view is a
+/// NumPy array made read-only from birth over the mapped bytes, whose base
+/// is this object; `memoryview(array)` is what Python code receives. Both
+/// keep the array, hence this object and the mapping, alive.
 #[pyclass(frozen, module = "savedir._core")]
 pub struct Buffer {
-    map: Arc<Map>,
+    /// Held, never read: the mapping lives as long as this does.
+    _map: Arc<Map>,
     start: usize,
     len: usize,
 }
 
 #[pymethods]
 impl Buffer {
-    unsafe fn __getbuffer__(slf: Bound<'_, Self>, view: *mut ffi::Py_buffer, flags: c_int) -> PyResult<()> {
-        let this = slf.get();
-        let bytes = &this.map.bytes()[this.start..this.start + this.len];
-        // PyBuffer_FillInfo refuses writable requests for read-only data and
-        // keeps a reference to `slf`, which keeps the mapping alive.
-        let ptr =
-            if bytes.is_empty() { std::ptr::NonNull::<u8>::dangling().as_ptr() } else { bytes.as_ptr() as *mut u8 };
-        let rc =
-            unsafe { ffi::PyBuffer_FillInfo(view, slf.as_ptr(), ptr.cast(), bytes.len() as ffi::Py_ssize_t, 1, flags) };
-        if rc == -1 {
-            return Err(PyErr::fetch(slf.py()));
-        }
-        Ok(())
-    }
-
     fn __len__(&self) -> usize {
         self.len
     }
@@ -54,17 +42,50 @@ impl Buffer {
     }
 }
 
-fn buffer(py: Python<'_>, map: &Arc<Map>, start: u64, end: u64) -> PyResult<Py<Buffer>> {
-    let len = map.len();
-    if start > end || end > len {
-        return Err(PyValueError::new_err(format!("range {start}..{end} is outside the file ({len} bytes)")));
+/// Bytes `start..end` of a mapping as a read-only NumPy array (no copy).
+fn array<'py>(py: Python<'py>, map: &Arc<Map>, start: u64, end: u64) -> PyResult<Bound<'py, PyAny>> {
+    use numpy::npyffi::{self, NPY_ARRAY_ALIGNED, NPY_ARRAY_C_CONTIGUOUS, PY_ARRAY_API};
+    use numpy::{Element, PyArrayDescrMethods};
+    let size = map.len();
+    if start > end || end > size {
+        return Err(PyValueError::new_err(format!("range {start}..{end} is outside the file ({size} bytes)")));
     }
-    Py::new(py, Buffer { map: map.clone(), start: start as usize, len: (end - start) as usize })
+    let (start, len) = (start as usize, (end - start) as usize);
+    let owner = Bound::new(py, Buffer { _map: map.clone(), start, len })?;
+    let bytes = &map.bytes()[start..start + len];
+    let ptr = if bytes.is_empty() { std::ptr::NonNull::<u8>::dangling().as_ptr() } else { bytes.as_ptr() as *mut u8 };
+    let mut dims = [len as npyffi::npy_intp];
+    // SAFETY: a one-dimensional array of `len` bytes over memory that stays
+    // mapped while `owner` lives; without NPY_ARRAY_WRITEABLE it is read-only
+    // from birth (numpy refuses writes and writable buffer requests), and
+    // PyArray_SetBaseObject makes the array own `owner` (it steals the
+    // reference, even on failure).
+    unsafe {
+        let arr = PY_ARRAY_API.PyArray_NewFromDescr(
+            py,
+            npyffi::get_type_object(py, npyffi::NpyTypes::PyArray_Type),
+            u8::get_dtype(py).into_dtype_ptr(),
+            1,
+            dims.as_mut_ptr(),
+            std::ptr::null_mut(),
+            ptr.cast(),
+            NPY_ARRAY_C_CONTIGUOUS | NPY_ARRAY_ALIGNED,
+            std::ptr::null_mut(),
+        );
+        if arr.is_null() {
+            return Err(PyErr::fetch(py));
+        }
+        let arr = Bound::from_owned_ptr(py, arr);
+        if PY_ARRAY_API.PyArray_SetBaseObject(py, arr.as_ptr().cast(), owner.into_any().into_ptr()) != 0 {
+            return Err(PyErr::fetch(py));
+        }
+        Ok(arr)
+    }
 }
 
+/// Bytes `start..end` of a mapping as a read-only memoryview (no copy).
 fn memoryview<'py>(py: Python<'py>, map: &Arc<Map>, start: u64, end: u64) -> PyResult<Bound<'py, PyMemoryView>> {
-    let b = buffer(py, map, start, end)?;
-    PyMemoryView::from(b.bind(py).as_any())
+    PyMemoryView::from(&array(py, map, start, end)?)
 }
 
 /// Where the bytes of an open file come from, as the Python objects that
@@ -690,9 +711,14 @@ impl Recorder {
     }
 
     /// Writes bytes (any object with the buffer protocol); returns their number.
-    fn write(&self, py: Python<'_>, data: pyo3::buffer::PyBuffer<u8>) -> PyResult<usize> {
+    fn write(&self, py: Python<'_>, data: &Bound<'_, PyAny>) -> PyResult<usize> {
         // Copied with the GIL held: the buffer's owner may change it without.
-        let bytes = data.to_vec(py)?;
+        // (`bytes(data)` for any bytes-like object: the stable ABI of 3.9
+        // has no buffer protocol for Rust to read one directly.)
+        let bytes: Vec<u8> = match data.cast::<PyBytes>() {
+            Ok(b) => b.as_bytes().to_vec(),
+            Err(_) => py.get_type::<PyBytes>().call1((data,))?.cast_into::<PyBytes>()?.as_bytes().to_vec(),
+        };
         self.with_inner(py, |inner| {
             let rec = inner.as_mut().ok_or_else(|| self.closed())?;
             let r = rec.write(&bytes);
