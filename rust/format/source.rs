@@ -168,6 +168,8 @@ pub fn read_vec(src: &dyn ReadAt, at: u64, len: u64) -> Result<Vec<u8>, SourceEr
 const MAX_BLOCK: u64 = 16 << 20;
 /// Reads up to this size that were not prefetched are kept too.
 const KEEP_SMALL: usize = 64 << 10;
+/// Small reads are kept while the cache holds less than this.
+const KEEP_TOTAL: usize = 64 << 20;
 
 /// A source that keeps the blocks it read, for sources where every read is
 /// a request (a Python file object, a remote object, positioned reads on a
@@ -178,12 +180,13 @@ const KEEP_SMALL: usize = 64 << 10;
 /// a scan that streams the file does not fill memory.
 pub struct Cached<S: ?Sized> {
     blocks: Mutex<Vec<(u64, std::sync::Arc<[u8]>)>>,
+    kept: std::sync::atomic::AtomicUsize,
     src: S,
 }
 
 impl<S: ReadAt> Cached<S> {
     pub fn new(src: S) -> Self {
-        Cached { blocks: Mutex::new(Vec::new()), src }
+        Cached { blocks: Mutex::new(Vec::new()), kept: std::sync::atomic::AtomicUsize::new(0), src }
     }
 }
 
@@ -198,6 +201,7 @@ impl<S: ReadAt + ?Sized> Cached<S> {
     }
 
     fn keep(&self, at: u64, data: Vec<u8>) {
+        self.kept.fetch_add(data.len(), std::sync::atomic::Ordering::Relaxed);
         self.blocks.lock().unwrap_or_else(|e| e.into_inner()).push((at, data.into()));
     }
 }
@@ -214,7 +218,7 @@ impl<S: ReadAt + ?Sized> ReadAt for Cached<S> {
         }
         // No lock is held while the source reads.
         self.src.read_at(at, buf)?;
-        if buf.len() <= KEEP_SMALL {
+        if buf.len() <= KEEP_SMALL && self.kept.load(std::sync::atomic::Ordering::Relaxed) < KEEP_TOTAL {
             self.keep(at, buf.to_vec());
         }
         Ok(())

@@ -92,15 +92,15 @@ fn memoryview<'py>(py: Python<'py>, map: &Arc<Map>, start: u64, end: u64) -> PyR
 /// outlive the `SaveFile` (entries, views) need them: the mapping for
 /// zero-copy views, else the source to read from.
 #[derive(Clone)]
-struct Bytes {
+struct Owner {
     path: PathBuf,
     map: Option<Arc<Map>>,
     source: Arc<dyn ReadAt>,
 }
 
-impl Bytes {
+impl Owner {
     fn of(f: &ops::SaveFile) -> Self {
-        Bytes { path: f.path.clone(), map: f.map().cloned(), source: f.source.clone() }
+        Owner { path: f.path.clone(), map: f.map().cloned(), source: f.source.clone() }
     }
 
     /// Bytes `start..end` as a read-only memoryview: zero-copy into the
@@ -128,7 +128,7 @@ impl Bytes {
 #[pyclass(frozen, module = "savedir._core")]
 pub struct Entry {
     e: ops::Entry,
-    bytes: Bytes,
+    bytes: Owner,
 }
 
 #[pymethods]
@@ -397,7 +397,7 @@ impl SaveFile {
     #[getter]
     fn entries<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyList>> {
         let f = self.get()?;
-        let bytes = Bytes::of(&f);
+        let bytes = Owner::of(&f);
         let items = f
             .entries
             .iter()
@@ -409,7 +409,7 @@ impl SaveFile {
     #[pyo3(signature = (name, instance=None))]
     fn find<'py>(&self, py: Python<'py>, name: &str, instance: Option<u32>) -> PyResult<Bound<'py, PyList>> {
         let f = self.get()?;
-        let bytes = Bytes::of(&f);
+        let bytes = Owner::of(&f);
         let found = f.find(name, instance).map_err(|e| to_pyerr(py, e))?;
         let items = found
             .into_iter()
@@ -422,7 +422,7 @@ impl SaveFile {
     fn vmdesc_json<'py>(&self, py: Python<'py>) -> PyResult<Option<Bound<'py, PyMemoryView>>> {
         let f = self.get()?;
         match f.vmdesc {
-            Some(v) => Ok(Some(Bytes::of(&f).view(py, v.offset + 5, v.end())?)),
+            Some(v) => Ok(Some(Owner::of(&f).view(py, v.offset + 5, v.end())?)),
             None => Ok(None),
         }
     }
@@ -434,7 +434,7 @@ impl SaveFile {
     /// Bytes `start..end` of the file as a read-only memoryview (zero-copy
     /// when the file is mapped).
     fn view<'py>(&self, py: Python<'py>, start: u64, end: u64) -> PyResult<Bound<'py, PyMemoryView>> {
-        Bytes::of(&*self.get()?).view(py, start, end)
+        Owner::of(&*self.get()?).view(py, start, end)
     }
     /// Verifies the directory of this open file (see `savedir.verify`).
     #[pyo3(signature = (*, deep=false, progress=false))]
