@@ -448,7 +448,7 @@ mod tests {
         st.parse_payload(&mut r).unwrap();
         assert!(st.parse_payload(&mut r).unwrap_err().message.contains("unknown flag"));
 
-        let mut d = word(u64::MAX & !FLAG_MASK, FLAG_MEM_SIZE).to_vec();
+        let mut d = word(!FLAG_MASK, FLAG_MEM_SIZE).to_vec();
         d.push(1);
         d.push(b'a');
         d.extend_from_slice(&u64::MAX.to_be_bytes());

@@ -53,7 +53,10 @@ pub fn load_vmdesc(path: &Path) -> Result<Vmdesc> {
     let json = f.vmdesc_json()?.ok_or_else(|| {
         Error::format(
             path,
-            crate::format::error::FormatError::unsupported(0, "expected a vmdesc (JSON, or a save that has one), found a save without one"),
+            crate::format::error::FormatError::unsupported(
+                0,
+                "expected a vmdesc (JSON, or a save that has one), found a save without one",
+            ),
         )
     })?;
     let at = f.vmdesc.map_or(0, |v| v.offset + vmdesc::VMDESC_HEADER);
@@ -166,7 +169,7 @@ pub fn open_source(
         let d = check_or_read_error(name, &view, d)?
             .map_err(|source| Error::Directory { path: name.to_path_buf(), source });
         let d = f.changed_error().map_or(d, Err)?;
-        f.from_directory(&view, d);
+        f.fill_from_directory(&view, d);
         f.sidecar = dsrc.sidecar;
         return Ok(f);
     }
@@ -176,7 +179,7 @@ pub fn open_source(
 }
 
 impl SaveFile {
-    fn from_directory(&mut self, view: &View, mut dir: Directory) {
+    fn fill_from_directory(&mut self, view: &View, mut dir: Directory) {
         self.footers = dir.detect_footers(view);
         self.trailer = Some(dir.trailer);
         self.stream_end = dir.trailer.dir;

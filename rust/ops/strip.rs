@@ -59,7 +59,7 @@ pub fn strip(path: &Path, opts: &StripOptions) -> Result<StripReport> {
                     popts.vmdesc = opts.vmdesc.as_deref();
                     popts
                 })
-                    .map_err(|e| Error::format(path, e)),
+                .map_err(|e| Error::format(path, e)),
             )?;
             if s.end < len && data[s.end as usize] != tag::DIRECTORY && !opts.force {
                 return Err(Error::TrailingData {

@@ -3,8 +3,8 @@
 use std::path::{Path, PathBuf};
 
 use crate::format::directory::{Check, CheckError, Directory, View};
-use crate::format::source::{Limit, ReadAt, SourceError};
 use crate::format::error::FormatError;
+use crate::format::source::{Limit, ReadAt, SourceError};
 use crate::format::stream::{self, describe, ParseOptions};
 use crate::format::vmdesc::Vmdesc;
 

@@ -645,7 +645,8 @@ fn verify(
     vmdesc: Option<PathBuf>,
 ) -> PyResult<VerifyResult> {
     let hint = load_hint(py, vmdesc)?;
-    let r = py.detach(|| ops::verify(&path, deep, progress, offset, wait, hint.as_deref())).map_err(|e| to_pyerr(py, e))?;
+    let r =
+        py.detach(|| ops::verify(&path, deep, progress, offset, wait, hint.as_deref())).map_err(|e| to_pyerr(py, e))?;
     Ok(VerifyResult::from(r))
 }
 
@@ -663,7 +664,12 @@ fn strip(
     let vmdesc = load_hint(py, vmdesc)?;
     let opts = ops::StripOptions { force, offset, wait, vmdesc };
     let r = py.detach(|| ops::strip(&path, &opts)).map_err(|e| to_pyerr(py, e))?;
-    Ok(StripResult { path: lossy(&r.path), removed: r.removed, stream_end: r.stream_end, sidecar: r.sidecar.as_deref().map(lossy) })
+    Ok(StripResult {
+        path: lossy(&r.path),
+        removed: r.removed,
+        stream_end: r.stream_end,
+        sidecar: r.sidecar.as_deref().map(lossy),
+    })
 }
 
 /// Writes a stream to a file as it arrives and appends its directory at the end.

@@ -301,14 +301,26 @@ impl StreamParser {
             }
             Some(t @ (tag::START | tag::FULL)) => {
                 let Some(id) = w.be32(at + 1)? else { return Ok(false) };
-                if self.sections.contains_key(&id) || (item.kind == Kind::Full && t == tag::FULL && id <= item.section_id) {
+                if self.sections.contains_key(&id)
+                    || (item.kind == Kind::Full && t == tag::FULL && id <= item.section_id)
+                {
                     return Ok(false);
                 }
                 let Some(n) = w.byte(at + 5)? else { return Ok(false) };
                 let Some(rest) = w.bytes(at + 6, n as u64 + 8)? else { return Ok(false) };
                 let name = &rest[..n as usize];
-                let instance = u32::from_be_bytes([rest[n as usize], rest[n as usize + 1], rest[n as usize + 2], rest[n as usize + 3]]);
-                let version = u32::from_be_bytes([rest[n as usize + 4], rest[n as usize + 5], rest[n as usize + 6], rest[n as usize + 7]]);
+                let instance = u32::from_be_bytes([
+                    rest[n as usize],
+                    rest[n as usize + 1],
+                    rest[n as usize + 2],
+                    rest[n as usize + 3],
+                ]);
+                let version = u32::from_be_bytes([
+                    rest[n as usize + 4],
+                    rest[n as usize + 5],
+                    rest[n as usize + 6],
+                    rest[n as usize + 7],
+                ]);
                 n > 0 && name.iter().all(|&c| (0x21..0x7f).contains(&c)) && instance < 1 << 24 && version <= 1000
             }
             Some(tag::PART | tag::END) => {

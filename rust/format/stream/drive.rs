@@ -13,6 +13,9 @@ pub const WINDOW: usize = 8 << 20;
 /// How much of a source's tail is read to find the vmdesc before parsing.
 const TAIL_WINDOW: u64 = 4 << 20;
 
+/// Called with each range of bytes read, in order: `(offset, bytes)`.
+pub type OnBytes<'a> = &'a mut dyn FnMut(u64, &[u8]);
+
 /// Parses the stream that starts at `opts.start` in `src`. `on_bytes`, when
 /// given, is called with every byte from the stream's start to its end, in
 /// order, as the windows are read (to checksum a source in one pass); it is
@@ -20,7 +23,7 @@ const TAIL_WINDOW: u64 = 4 << 20;
 pub fn parse_source(
     src: &dyn ReadAt,
     opts: ParseOptions<'_>,
-    mut on_bytes: Option<&mut dyn FnMut(u64, &[u8])>,
+    mut on_bytes: Option<OnBytes<'_>>,
 ) -> std::result::Result<Stream, SourceError> {
     if let Some(data) = src.as_slice() {
         return Ok(parse(data, opts)?);

@@ -188,7 +188,9 @@ pub fn parse(data: &[u8], opts: ParseOptions<'_>) -> Result<Stream> {
     let end_hint = opts.end_hint.min(data.len() as u64);
     let hint = match opts.vmdesc {
         Some(v) => Some(v.clone()),
-        None => vmdesc::find_from_tail(data, end_hint, VMDESC_WINDOW).and_then(|(_, loc)| vmdesc::parse(data, loc).ok()),
+        None => {
+            vmdesc::find_from_tail(data, end_hint, VMDESC_WINDOW).and_then(|(_, loc)| vmdesc::parse(data, loc).ok())
+        }
     };
     let had_hint = hint.is_some();
     let mut p = StreamParser::new(opts.start, hint);
