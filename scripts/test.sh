@@ -16,6 +16,12 @@ else
   sudo bash .ci/start-libvirt.sh
 fi
 
+# Debian's own python3 makes venvs with pip only with its python3-venv package.
+if ! "${PYTHON:-python3}" -c 'import ensurepip, venv' >/dev/null 2>&1; then
+  if [ "$(id -u)" -eq 0 ]; then SUDO=""; else SUDO=sudo; fi
+  $SUDO apt-get install -y -qq python3-venv >/dev/null
+fi
+
 echo "== Rust unit tests"
 cargo test --no-default-features --quiet
 
