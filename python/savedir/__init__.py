@@ -21,9 +21,12 @@ from __future__ import annotations
 import io
 import json
 import os
-from typing import Any, Iterator, Optional, Union
+from typing import TYPE_CHECKING, Any, Iterator, Optional, Union
 
 from savedir import _core
+
+if TYPE_CHECKING:
+    from savedir.ram import Ram
 from savedir._core import Entry, IndexResult, RecordResult, StripResult, VerifyResult
 from savedir.errors import (
     DirectoryError,
@@ -33,6 +36,7 @@ from savedir.errors import (
     NotAStreamError,
     SavedirError,
     SectionNotFoundError,
+    RamError,
     TrailingDataError,
     TruncatedError,
     UnsupportedStreamError,
@@ -62,6 +66,7 @@ __all__ = [
     "DirectoryError",
     "TrailingDataError",
     "SectionNotFoundError",
+    "RamError",
     "FileChangedError",
     "FileLockedError",
 ]
@@ -400,6 +405,20 @@ class SaveFile(_core.SaveFile):
     """
 
     _vmdesc: Optional[dict[str, Any]] = None
+    _ram: Any = None
+
+    @property
+    def ram(self) -> "Ram":
+        """The guest memory: a mapping of RAM block name to
+        :class:`~savedir.ram.RamBlock`, with the guest-physical view
+        (:class:`~savedir.ram.Ram`). Found through the page map the
+        directory stores, a mapped-ram stream's bitmaps, or else a walk of
+        the RAM records (which reads them all, once)."""
+        if self._ram is None:
+            from .ram import Ram
+
+            self._ram = Ram(self.ram_map(), self.machine_type)
+        return self._ram
 
     def section(self, name: str, instance: Optional[int] = None) -> Section:
         """The section ``name`` (instance ``instance``, or the lowest one).

@@ -23,6 +23,7 @@ __all__ = [
     "DirectoryError",
     "TrailingDataError",
     "SectionNotFoundError",
+    "RamError",
     "FileChangedError",
     "FileLockedError",
 ]
@@ -67,6 +68,11 @@ class TrailingDataError(SavedirError):
 
 class SectionNotFoundError(SavedirError, KeyError):
     """No section has the requested name (and instance)."""
+
+
+class RamError(SavedirError, LookupError):
+    """Guest memory the save does not have: an unknown RAM block, a
+    guest-physical address that no RAM backs, a page past a block's end."""
 
 
 class FileChangedError(SavedirError):

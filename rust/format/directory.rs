@@ -6,6 +6,8 @@
 //! D: 7d                       marker
 //!    entry*                   the stream's own item headers, payload -> be64 pointer,
 //!                             each optionally followed by 7c u8 algorithm be32 checksum
+//!    7b be64(map)             optional: the RAM page map, stored between the
+//!                             stream's end and D (see `pagemap`)
 //!    00 be64(eof_ptr)         EOF entry
 //!    7d be64(D)               DIRECTORY entry: the file's last 9 bytes
 //! ```
@@ -109,11 +111,22 @@ pub struct Directory {
     pub entries: Vec<Entry>,
     /// Where each entry's copy of its item header lies (absolute offsets).
     pub copies: Vec<u64>,
+    /// Where the RAM page map lies, if the directory points at one: from
+    /// this offset to the directory.
+    pub ram_map: Option<u64>,
+}
+
+impl Directory {
+    /// One past the stream's last byte: the RAM page map's start, or the directory's.
+    pub fn stream_end(&self) -> u64 {
+        self.ram_map.unwrap_or(self.trailer.dir)
+    }
 }
 
 /// Builds the directory for `items` (a parse of a stream) that will start
-/// at offset `dir`. `crcs`, when given, holds one checksum per item.
-pub fn encode(items: &[Item], eof: u64, dir: u64, crcs: Option<&[u32]>) -> Vec<u8> {
+/// at offset `dir`. `crcs`, when given, holds one checksum per item;
+/// `ram_map`, where a RAM page map stands before the directory.
+pub fn encode(items: &[Item], eof: u64, dir: u64, crcs: Option<&[u32]>, ram_map: Option<u64>) -> Vec<u8> {
     let mut out = Vec::with_capacity(items.len() * 32 + 32);
     out.push(tag::DIRECTORY);
     for (i, item) in items.iter().enumerate() {
@@ -124,6 +137,10 @@ pub fn encode(items: &[Item], eof: u64, dir: u64, crcs: Option<&[u32]>) -> Vec<u
             out.push(ALG_CRC32C);
             out.extend_from_slice(&c[i].to_be_bytes());
         }
+    }
+    if let Some(m) = ram_map {
+        out.push(tag::RAMMAP);
+        out.extend_from_slice(&m.to_be_bytes());
     }
     out.push(tag::EOF);
     out.extend_from_slice(&eof.to_be_bytes());
@@ -290,8 +307,18 @@ pub fn decode(v: &View, trailer: Trailer, stream_start: u64) -> Result<Directory
     r.u8("the directory marker").map_err(|e| err(e.offset, e.message))?;
     let mut entries: Vec<Entry> = Vec::new();
     let mut copies: Vec<u64> = Vec::new();
+    let mut ram_map: Option<(u64, u64)> = None;
     while !r.is_empty() {
         let at = r.offset();
+        if r.peek() == Some(tag::RAMMAP) {
+            r.u8("a RAM page map entry").map_err(|e| err(e.offset, e.message))?;
+            let ptr = r.be64("the RAM page map's pointer").map_err(|e| err(e.offset, e.message))?;
+            if !r.is_empty() {
+                return Err(err(at, "expected the RAM page map entry to be the last before the EOF entry".into()));
+            }
+            ram_map = Some((at, ptr));
+            break;
+        }
         match decode_entry(&mut r).map_err(|e| err(e.offset, e.message))? {
             Decoded::Entry(header, ptr) => {
                 entries.push(Entry {
@@ -314,7 +341,33 @@ pub fn decode(v: &View, trailer: Trailer, stream_start: u64) -> Result<Directory
             }
         }
     }
-    // Order and ranges.
+    // Order and ranges. The map lies after the stream's last item.
+    let stream_end = match ram_map {
+        Some((at, ptr)) => {
+            let after = entries.last().map_or(trailer.eof + 1, |e| e.offset.max(trailer.eof + 1));
+            if ptr < after || ptr >= trailer.dir {
+                return Err(err(
+                    at,
+                    format!(
+                        "expected the RAM page map pointer from the stream's end to below the directory ({}), found {ptr}",
+                        trailer.dir
+                    ),
+                ));
+            }
+            let blob = v.get(ptr, trailer.dir - ptr).ok_or_else(|| {
+                err(ptr, "the RAM page map does not lie in one piece".into())
+            })?;
+            let len = super::pagemap::check_blob(&blob, ptr).map_err(|e| err(e.offset, e.message))?;
+            if len != trailer.dir - ptr {
+                return Err(err(
+                    ptr + 16,
+                    format!("expected the RAM page map to end where the directory begins ({}), found it ends at {}", trailer.dir, ptr + len),
+                ));
+            }
+            ptr
+        }
+        None => trailer.dir,
+    };
     let sections_from = stream_start + HEADER_LEN;
     let mut prev: Option<u64> = None;
     let n = entries.len();
@@ -330,12 +383,12 @@ pub fn decode(v: &View, trailer: Trailer, stream_start: u64) -> Result<Directory
             if i + 1 != n {
                 return Err(err(copy, "expected the vmdesc entry right before the EOF entry".into()));
             }
-            if ptr <= trailer.eof || ptr >= trailer.dir {
+            if ptr <= trailer.eof || ptr >= stream_end {
                 return Err(err(
                     copy,
                     format!(
-                        "expected the vmdesc pointer between the EOF byte ({}) and the directory ({}), found {ptr}",
-                        trailer.eof, trailer.dir
+                        "expected the vmdesc pointer between the EOF byte ({}) and the stream's end ({stream_end}), found {ptr}",
+                        trailer.eof
                     ),
                 ));
             }
@@ -352,7 +405,7 @@ pub fn decode(v: &View, trailer: Trailer, stream_start: u64) -> Result<Directory
     let mut opened: HashMap<u32, Header> = HashMap::new();
     for i in 0..n {
         let end = if entries[i].kind == Kind::Vmdesc {
-            trailer.dir
+            stream_end
         } else {
             match entries.get(i + 1) {
                 Some(next) if next.kind != Kind::Vmdesc => next.offset,
@@ -380,7 +433,7 @@ pub fn decode(v: &View, trailer: Trailer, stream_start: u64) -> Result<Directory
             _ => {}
         }
     }
-    Ok(Directory { trailer, entries, copies })
+    Ok(Directory { trailer, entries, copies, ram_map: ram_map.map(|(_, p)| p) })
 }
 
 enum Decoded {
@@ -501,26 +554,40 @@ pub fn cross_check(v: &View, d: &Directory, stream_start: u64) -> Result<(), Che
             Some(n) => n as u64,
             None => return err(vm.offset, "expected the vmdesc's length, found the end of the file".into()),
         };
-        if vm.offset + VMDESC_HEADER + len != d.trailer.dir {
+        if vm.offset + VMDESC_HEADER + len != d.stream_end() {
             return err(
                 vm.offset + 1,
                 format!(
-                    "expected the vmdesc to end where the directory begins ({}), found it ends at {}",
-                    d.trailer.dir,
+                    "expected the vmdesc to end where the {} begins ({}), found it ends at {}",
+                    if d.ram_map.is_some() { "RAM page map" } else { "directory" },
+                    d.stream_end(),
                     vm.offset + VMDESC_HEADER + len
                 ),
             );
         }
-    } else if d.trailer.eof + 1 != d.trailer.dir {
+    } else if d.trailer.eof + 1 != d.stream_end() {
         return err(
             d.trailer.eof + 1,
             format!(
-                "expected the directory right after the EOF byte, found {} bytes between",
-                d.trailer.dir - d.trailer.eof - 1
+                "expected the {} right after the EOF byte, found {} bytes between",
+                if d.ram_map.is_some() { "RAM page map" } else { "directory" },
+                d.stream_end() - d.trailer.eof - 1
             ),
         );
     }
     Ok(())
+}
+
+/// The RAM page map the directory points at, decoded and checked whole
+/// (None when there is none).
+pub fn read_page_map(v: &View, d: &Directory) -> Result<Option<super::pagemap::PageMap>, CheckError> {
+    let Some(at) = d.ram_map else { return Ok(None) };
+    let err = |e: FormatError| CheckError::new(Check::Directory, Some(e.offset), e.message);
+    let blob = v
+        .get(at, d.trailer.dir - at)
+        .ok_or_else(|| CheckError::new(Check::Directory, Some(at), "the RAM page map does not lie in one piece"))?;
+    let (map, _) = super::pagemap::PageMap::decode(&blob, at, at).map_err(err)?;
+    Ok(Some(map))
 }
 
 impl Directory {
@@ -557,7 +624,7 @@ mod tests {
         let mut d = sample_stream(true);
         let s = parse(&d, ParseOptions::new(0, d.len() as u64)).unwrap();
         let crcs: Vec<u32> = s.items.iter().map(|i| crc32c::crc32c(&d[i.offset as usize..i.end as usize])).collect();
-        let dir = encode(&s.items, s.eof, d.len() as u64, if crc { Some(&crcs) } else { None });
+        let dir = encode(&s.items, s.eof, d.len() as u64, if crc { Some(&crcs) } else { None }, None);
         // The rebuilt headers are the stream's own bytes.
         for i in &s.items {
             let h = i.header.encode();
@@ -626,7 +693,7 @@ mod tests {
         let mut items = s.items.clone();
         items.swap(1, 2);
         let mut m = d.clone();
-        m.extend_from_slice(&encode(&items, s.eof, d.len() as u64, None));
+        m.extend_from_slice(&encode(&items, s.eof, d.len() as u64, None, None));
         let v = View::appended(&m);
         let e = decode(&v, check_trailer(&v).unwrap(), 0).unwrap_err();
         assert_eq!(e.check, Check::Directory);

@@ -8,6 +8,7 @@ use std::sync::Arc;
 pub mod directory;
 pub mod error;
 pub mod libvirt;
+pub mod pagemap;
 pub mod ram;
 pub mod reader;
 pub mod source;
@@ -34,6 +35,8 @@ pub mod tag {
     pub const CONFIGURATION: u8 = 0x07;
     /// `QEMU_VM_COMMAND`
     pub const COMMAND: u8 = 0x08;
+    /// savedir pointer to the RAM page map
+    pub const RAMMAP: u8 = 0x7b;
     /// savedir checksum entry
     pub const CHECKSUM: u8 = 0x7c;
     /// savedir directory marker and trailer entry

@@ -6,7 +6,10 @@
 //! carries across sections: a CONTINUE record reuses the block named by the
 //! last record that carried a block id, even in an earlier section.
 
+use std::sync::Arc;
+
 use super::error::{FormatError, Result};
+use super::pagemap::{Builder, PageMap};
 use super::reader::Reader;
 use super::show_bytes;
 
@@ -44,11 +47,13 @@ pub struct RamOptions {
     /// Capability `postcopy-ram` (seen as a POSTCOPY_ADVISE with a page-size
     /// summary): hugepage blocks carry their page size.
     pub postcopy: bool,
+    /// Whether to follow every page record into a page map (not for mapped-ram).
+    pub page_map: bool,
 }
 
 impl Default for RamOptions {
     fn default() -> Self {
-        RamOptions { page_size: 4096, mapped_ram: false, ignore_shared: false, postcopy: false }
+        RamOptions { page_size: 4096, mapped_ram: false, ignore_shared: false, postcopy: false, page_map: false }
     }
 }
 
@@ -117,6 +122,8 @@ pub struct RamState {
     last_block: Option<usize>,
     pub stats: RamStats,
     pending: Option<PendingList>,
+    /// The page map so far (with `options.page_map`, once the block list is read).
+    map: Option<Arc<Builder>>,
 }
 
 impl RamState {
@@ -177,12 +184,19 @@ impl RamState {
                 }
                 self.last_block = Some(block);
                 self.stats.zero_pages += 1;
+                if let Some(m) = self.map.as_mut() {
+                    Arc::make_mut(m).zero(block, addr / page_size);
+                }
             }
             FLAG_PAGE => {
                 let block = self.block_for(r, flags, addr, at)?;
+                let data_at = r.offset();
                 r.skip(page_size, "a RAM page")?;
                 self.last_block = Some(block);
                 self.stats.pages += 1;
+                if let Some(m) = self.map.as_mut() {
+                    Arc::make_mut(m).data(block, addr / page_size, data_at);
+                }
             }
             FLAG_XBZRLE => {
                 let block = self.block_for(r, flags, addr, at)?;
@@ -202,9 +216,13 @@ impl RamState {
                         format!("an XBZRLE delta of {len} bytes is longer than a {page_size}-byte page"),
                     ));
                 }
+                let delta_at = r.offset();
                 r.skip(len, "an XBZRLE delta")?;
                 self.last_block = Some(block);
                 self.stats.xbzrle_pages += 1;
+                if let Some(m) = self.map.as_mut() {
+                    Arc::make_mut(m).xbzrle(block, addr / page_size, delta_at, len as u32);
+                }
             }
             FLAG_COMPRESS_PAGE => {
                 let block = self.block_for(r, flags, addr, at)?;
@@ -217,9 +235,13 @@ impl RamState {
                         format!("a compressed page of {len} bytes is longer than zlib makes a {page_size}-byte page"),
                     ));
                 }
+                let data_at = r.offset();
                 r.skip(len, "a compressed page")?;
                 self.last_block = Some(block);
                 self.stats.compressed_pages += 1;
+                if let Some(m) = self.map.as_mut() {
+                    Arc::make_mut(m).compressed(block, addr / page_size, data_at, len as u32);
+                }
             }
             FLAG_MULTIFD_FLUSH => self.stats.flushes += 1,
             FLAG_HOOK => {
@@ -236,6 +258,56 @@ impl RamState {
             }
         }
         Ok(Record::Other)
+    }
+
+    fn start_map(&mut self) {
+        if self.options.page_map && !self.options.mapped_ram {
+            let lengths: Vec<u64> = self.blocks.iter().map(|b| b.used_length).collect();
+            self.map = Some(Arc::new(Builder::new(&lengths, self.options.page_size)));
+        }
+    }
+
+    /// Postcopy's RAM_DISCARD command (`body`, at absolute offset `at`):
+    /// the pages it names lose their content.
+    pub fn discard(&mut self, body: &[u8], at: u64) -> Result<()> {
+        let mut r = Reader::with_base(body, at);
+        let version = r.u8("a RAM_DISCARD version")?;
+        if version != 0 {
+            return Err(FormatError::invalid(at, format!("expected RAM_DISCARD version 0, found {version}")));
+        }
+        let id_at = r.offset();
+        let id = r.cstr8("a RAM block id")?;
+        let nil = r.u8("a RAM_DISCARD's nil byte")?;
+        if nil != 0 {
+            return Err(FormatError::invalid(r.offset() - 1, format!("expected a nil byte, found 0x{nil:02x}")));
+        }
+        let Some(block) = self.blocks.iter().position(|b| b.id.as_bytes() == id) else {
+            return Err(FormatError::invalid(
+                id_at,
+                format!("RAM_DISCARD names the block \"{}\", which the block list does not have", show_bytes(id)),
+            ));
+        };
+        if r.remaining() % 16 != 0 {
+            return Err(FormatError::invalid(r.offset(), "expected RAM_DISCARD ranges of 16 bytes each"));
+        }
+        let ps = self.options.page_size;
+        while !r.is_empty() {
+            let start = r.be64("a discarded range's start")?;
+            let len = r.be64("a discarded range's length")?;
+            if let Some(m) = self.map.as_mut() {
+                // Whole pages only: QEMU discards host-page-aligned ranges.
+                Arc::make_mut(m).discard(block, start / ps, len / ps);
+            }
+        }
+        Ok(())
+    }
+
+    /// The page map of the records read so far (None unless asked for).
+    pub fn page_map(&self) -> Option<PageMap> {
+        let b = self.map.as_ref()?;
+        let blocks: Vec<(String, u64, Option<u64>)> =
+            self.blocks.iter().map(|b| (b.id.clone(), b.used_length, b.page_size)).collect();
+        Some(b.finish(&blocks, self.options.page_size))
     }
 
     /// Resolves the block a page record refers to and checks the page offset.
@@ -301,6 +373,7 @@ impl RamState {
                 } else {
                     self.total = total;
                     self.blocks = list.blocks;
+                    self.start_map();
                 }
                 return Ok(Record::Jump(next));
             }
@@ -308,6 +381,7 @@ impl RamState {
         let _ = at;
         self.total = total;
         self.blocks = list.blocks;
+        self.start_map();
         Ok(Record::Other)
     }
 

@@ -40,6 +40,11 @@ pub enum Error {
     #[error("{}: cannot read {len} bytes at offset {offset}: {source}", path.display())]
     Read { path: PathBuf, offset: u64, len: u64, source: io::Error },
 
+    /// Guest memory that the save does not have: an unknown RAM block, an
+    /// address no RAM backs, a page past a block's end.
+    #[error("{}: {message}", path.display())]
+    Ram { path: PathBuf, message: String },
+
     /// The file changed while savedir had it open.
     #[error("{}: the file changed while it was read: {message}", path.display())]
     Changed { path: PathBuf, message: String },
@@ -81,6 +86,7 @@ impl Error {
             | Error::Directory { path, .. }
             | Error::TrailingData { path, .. }
             | Error::NotFound { path, .. }
+            | Error::Ram { path, .. }
             | Error::Locked { path, .. }
             | Error::Read { path, .. }
             | Error::Changed { path, .. } => path,

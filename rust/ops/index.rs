@@ -32,6 +32,9 @@ pub struct IndexOptions {
     pub wait: bool,
     /// A vmdesc to delimit device sections with when the stream has none.
     pub vmdesc: Option<std::sync::Arc<crate::format::vmdesc::Vmdesc>>,
+    /// Store a RAM page map before the directory (not for mapped-ram streams,
+    /// whose pages lie at fixed offsets already).
+    pub ram_map: bool,
 }
 
 impl Default for IndexOptions {
@@ -44,6 +47,7 @@ impl Default for IndexOptions {
             offset: None,
             wait: false,
             vmdesc: None,
+            ram_map: true,
         }
     }
 }
@@ -62,6 +66,8 @@ pub struct IndexReport {
     pub replaced: u64,
     /// The sidecar written or found, if any.
     pub sidecar: Option<PathBuf>,
+    /// Bytes of the RAM page map stored before the directory (0: none).
+    pub ram_map_len: u64,
 }
 
 /// Describes what follows a stream's end, for an error message.
@@ -123,7 +129,7 @@ pub fn index(path: &Path, opts: &IndexOptions) -> Result<IndexReport> {
     let data = map.bytes();
     let located = locate(path, &View::appended(&*map), opts.offset)?;
     let stream_start = located.stream_start;
-    let report = |written, entries, dir_offset, dir_len, replaced, sidecar| IndexReport {
+    let report = |written, entries, dir_offset, dir_len, replaced, sidecar, ram_map_len| IndexReport {
         path: path.to_path_buf(),
         written,
         entries,
@@ -131,6 +137,7 @@ pub fn index(path: &Path, opts: &IndexOptions) -> Result<IndexReport> {
         directory_len: dir_len,
         replaced,
         sidecar,
+        ram_map_len,
     };
 
     let appended = directory::check_trailer(&View::appended(&*map)).ok();
@@ -147,7 +154,9 @@ pub fn index(path: &Path, opts: &IndexOptions) -> Result<IndexReport> {
             if src.sidecar.is_some() == opts.sidecar {
                 if let Ok(d) = check_directory(&src, &src.view(&*map), stream_start) {
                     let t = d.trailer;
-                    return Ok(report(false, d.entries.len(), t.dir, t.len - t.dir, 0, src.sidecar.map(|s| s.0)));
+                    let map_len = t.dir - d.stream_end();
+                    let sidecar = src.sidecar.map(|s| s.0);
+                    return Ok(report(false, d.entries.len(), t.dir, t.len - t.dir, 0, sidecar, map_len));
                 }
             }
         }
@@ -159,6 +168,7 @@ pub fn index(path: &Path, opts: &IndexOptions) -> Result<IndexReport> {
     let mut popts = ParseOptions::new(stream_start, super::locate::end_hint(&*map));
     popts.vmdesc = opts.vmdesc.as_deref();
     popts.progress = Some(&mut tick);
+    popts.page_map = opts.ram_map;
     super::testhook::pause("scan:start");
     let s = map.check(path, stream::parse(data, popts).map_err(|e| Error::format(path, e)))?;
 
@@ -177,14 +187,21 @@ pub fn index(path: &Path, opts: &IndexOptions) -> Result<IndexReport> {
         let extents: Vec<(u64, u64)> = s.items.iter().map(|i| (i.offset, i.end)).collect();
         crc32c_extents(data, &extents, &meter)
     });
-    let dir = directory::encode(&s.items, s.eof, s.end, crcs.as_deref());
+    // The RAM page map, then the directory: both after the stream.
+    let mut tail = s.ram.as_ref().and_then(|r| r.page_map()).map(|m| m.encode()).unwrap_or_default();
+    let map_len = tail.len() as u64;
+    let dir_at = s.end + map_len;
+    let map_at = (map_len > 0).then_some(s.end);
+    let dir = directory::encode(&s.items, s.eof, dir_at, crcs.as_deref(), map_at);
+    let dir_len = dir.len() as u64;
+    tail.extend_from_slice(&dir);
     meter.finish();
     // Checksums of bytes that vanished meanwhile would be wrong: write nothing.
     map.check(path, Ok(()))?;
     // Bytes after the stream are replaced only on request, except the start
     // of this very directory: an earlier write of it that was cut short.
     let trailing = &data[s.end as usize..];
-    if !trailing.is_empty() && !opts.force && !dir.starts_with(trailing) {
+    if !trailing.is_empty() && !opts.force && !tail.starts_with(trailing) {
         return Err(Error::TrailingData {
             path: path.to_path_buf(),
             offset: s.end,
@@ -195,20 +212,20 @@ pub fn index(path: &Path, opts: &IndexOptions) -> Result<IndexReport> {
     super::testhook::pause("index:before-write");
 
     if opts.sidecar {
-        let sc = write_sidecar(path, &dir)?;
-        return Ok(report(true, s.items.len(), s.end, dir.len() as u64, 0, Some(sc)));
+        let sc = write_sidecar(path, &tail)?;
+        return Ok(report(true, s.items.len(), dir_at, dir_len, 0, Some(sc), map_len));
     }
     if s.end < len {
         file.set_len(s.end).map_err(|e| Error::io(path, "truncate", e))?;
     }
     // In two writes, so that a test can stop the process between them
     // (a torn directory, which the next `index` completes).
-    let (first, rest) = dir.split_at(dir.len() / 2);
+    let (first, rest) = tail.split_at(tail.len() / 2);
     file.write_all_at(first, s.end).map_err(|e| Error::io(path, "write the directory", e))?;
     super::testhook::pause("index:mid-write");
     file.write_all_at(rest, s.end + first.len() as u64).map_err(|e| Error::io(path, "write the directory", e))?;
     file.sync_data().map_err(|e| Error::io(path, "flush to disk", e))?;
-    Ok(report(true, s.items.len(), s.end, dir.len() as u64, len - s.end, None))
+    Ok(report(true, s.items.len(), dir_at, dir_len, len - s.end, None, map_len))
 }
 
 /// Writes `FILE.savedir` whole or not at all: a temporary file, flushed,

@@ -114,10 +114,21 @@ pub fn locate(path: &Path, v: &View, offset: Option<u64>) -> Result<Located> {
 }
 
 /// Where a parse should look for the stream's end (and the vmdesc just
-/// before it): the appended directory's first byte when the file has a
-/// trailer, else the file's end.
+/// before it): when the file has a trailer, the RAM page map its last
+/// entry points at (if the map's magic is there) or the directory's first
+/// byte; else the file's end. Only a hint: the parse finds the real end.
 pub fn end_hint(src: &dyn ReadAt) -> u64 {
-    directory::check_trailer(&View::appended(src)).map_or(src.size(), |t| t.dir)
+    let v = View::appended(src);
+    let Ok(t) = directory::check_trailer(&v) else { return src.size() };
+    let entry = t.len - directory::TRAILER_LEN - 9;
+    if entry > t.dir && v.byte(entry) == Some(crate::format::tag::RAMMAP) {
+        if let Some(ptr) = v.be64(entry + 1).filter(|&p| p < t.dir) {
+            if v.get(ptr, 8).as_deref() == Some(&crate::format::pagemap::MAGIC[..]) {
+                return ptr;
+            }
+        }
+    }
+    t.dir
 }
 
 /// The sidecar directory's path for `path`: `FILE.savedir`.
@@ -166,7 +177,7 @@ pub fn find_directory(path: &Path, data: &dyn ReadAt) -> Result<Option<DirSource
 }
 
 /// Prefixes a check's message with the sidecar it is about, if any.
-fn in_sidecar(src: &DirSource, mut e: CheckError) -> CheckError {
+pub fn in_sidecar(src: &DirSource, mut e: CheckError) -> CheckError {
     if let Some((p, _)) = &src.sidecar {
         e.message = format!("sidecar {}: {}", p.display(), e.message);
     }

@@ -7,6 +7,7 @@ pub mod index;
 pub mod locate;
 pub mod open;
 pub mod progress;
+pub mod ram;
 pub mod record;
 pub mod sigbus;
 pub mod source;

@@ -98,6 +98,8 @@ pub struct SaveFile {
     pub sidecar: Option<Sidecar>,
     /// The vmdesc given to delimit device sections with, if any.
     pub hint: Option<Arc<Vmdesc>>,
+    /// Where the stored RAM page map starts, when the directory has one.
+    pub ram_map_at: Option<u64>,
     lock: Option<SharedLock>,
 }
 
@@ -162,6 +164,7 @@ pub fn open_source(
         located,
         sidecar: None,
         hint: opts.vmdesc.clone(),
+        ram_map_at: None,
         lock: None,
     };
     if let (Some(dsrc), false) = (dir, opts.scan) {
@@ -182,7 +185,8 @@ impl SaveFile {
     fn fill_from_directory(&mut self, view: &View, mut dir: Directory) {
         self.footers = dir.detect_footers(view);
         self.trailer = Some(dir.trailer);
-        self.stream_end = dir.trailer.dir;
+        self.stream_end = dir.stream_end();
+        self.ram_map_at = dir.ram_map;
         self.eof = dir.trailer.eof;
         self.indexed = true;
         self.vmdesc = dir

@@ -34,11 +34,13 @@ pub struct RecordOptions {
     pub sidecar: bool,
     /// Wait for readers of an existing OUT to close it, instead of failing.
     pub wait: bool,
+    /// Store a RAM page map before the directory (see `IndexOptions::ram_map`).
+    pub ram_map: bool,
 }
 
 impl Default for RecordOptions {
     fn default() -> Self {
-        RecordOptions { checksums: true, progress: false, sidecar: false, wait: false }
+        RecordOptions { checksums: true, progress: false, sidecar: false, wait: false, ram_map: true }
     }
 }
 
@@ -112,11 +114,13 @@ impl Recorder {
             Err(e) => return Err(Error::io(&sc, "remove", e)),
         }
         let meter = Meter::new(opts.progress, format!("{}: recording", path.display()), 0);
+        let mut parser = StreamParser::new(0, None);
+        parser.set_page_map(opts.ram_map);
         Ok(Recorder {
             path: path.to_path_buf(),
             file,
             opts,
-            parser: StreamParser::new(0, None),
+            parser,
             buf: Vec::with_capacity(2 * READ_CHUNK),
             buf_base: 0,
             received: 0,
@@ -315,12 +319,20 @@ impl Recorder {
         if reread {
             let map = map_file(&self.path, &self.file)?;
             let data = map.bytes();
-            s = stream::parse(data, stream::ParseOptions::new(0, s.end)).map_err(|e| Error::format(&self.path, e))?;
+            let mut popts = stream::ParseOptions::new(0, s.end);
+            popts.page_map = self.opts.ram_map;
+            s = stream::parse(data, popts).map_err(|e| Error::format(&self.path, e))?;
             let ext: Vec<(u64, u64)> = s.items.iter().map(|i| (i.offset, i.end)).collect();
             crcs = super::checksum::crc32c_extents(data, &ext, &Meter::off());
         }
         let crcs = self.opts.checksums.then_some(&crcs[..]);
-        let dir = directory::encode(&s.items, s.eof, s.end, crcs);
+        let mut tail = s.ram.as_ref().and_then(|r| r.page_map()).map(|m| m.encode()).unwrap_or_default();
+        let map_len = tail.len() as u64;
+        let dir_at = s.end + map_len;
+        let dir = directory::encode(&s.items, s.eof, dir_at, crcs, (map_len > 0).then_some(s.end));
+        let dir_len = dir.len() as u64;
+        tail.extend_from_slice(&dir);
+        let dir = tail;
         let sidecar = if self.opts.sidecar {
             self.file.sync_data().map_err(|e| Error::io(&self.path, "flush to disk", e))?;
             Some(super::index::write_sidecar(&self.path, &dir)?)
@@ -333,8 +345,8 @@ impl Recorder {
             path: self.path.clone(),
             stream_size: s.end,
             entries: s.items.len(),
-            directory_offset: s.end,
-            directory_len: dir.len() as u64,
+            directory_offset: dir_at,
+            directory_len: dir_len,
             reread,
             sidecar,
         })

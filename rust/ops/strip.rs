@@ -44,7 +44,7 @@ pub fn strip(path: &Path, opts: &StripOptions) -> Result<StripReport> {
 
     let appended = DirSource { sidecar: None };
     let end = if directory::check_trailer(&view).is_ok() {
-        check_directory(&appended, &view, stream_start).ok().map(|d| d.trailer.dir)
+        check_directory(&appended, &view, stream_start).ok().map(|d| d.stream_end())
     } else {
         None
     };

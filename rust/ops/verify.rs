@@ -4,6 +4,7 @@ use std::path::{Path, PathBuf};
 
 use crate::format::directory::{Check, CheckError, Directory, View};
 use crate::format::error::FormatError;
+use crate::format::pagemap::PageMap;
 use crate::format::source::{Limit, ReadAt, SourceError};
 use crate::format::stream::{self, describe, ParseOptions};
 use crate::format::vmdesc::Vmdesc;
@@ -99,18 +100,23 @@ pub fn verify_source(
         }
         e
     });
+    // Check 2 also reads the RAM page map whole.
+    let structure = structure.and_then(|dir| {
+        let map = crate::format::directory::read_page_map(&view, &dir).map_err(|e| super::locate::in_sidecar(src, e))?;
+        Ok((dir, map))
+    });
     let res = match structure {
         Err(e) => Err(e),
-        Ok(dir) if !deep => {
+        Ok((dir, _)) if !deep => {
             entries = dir.entries.len();
             cross_check(src, &view, &dir, stream_start)
         }
-        Ok(dir) => {
+        Ok((dir, map)) => {
             entries = dir.entries.len();
             // The long sequential read first: reading one header per entry
             // across a cold file before it would defeat the kernel's
             // read-ahead. Failures are still reported in the checks' order.
-            let deep_res = deep_check(path, data, &dir, stream_start, hint, meter)?;
+            let deep_res = deep_check(path, data, &dir, map.as_ref(), stream_start, hint, meter)?;
             cross_check(src, &view, &dir, stream_start).and(deep_res)
         }
     };
@@ -176,6 +182,7 @@ fn deep_check(
     path: &Path,
     data: &dyn ReadAt,
     dir: &Directory,
+    stored_map: Option<&PageMap>,
     stream_start: u64,
     hint: Option<&Vmdesc>,
     meter: &Progress,
@@ -183,15 +190,16 @@ fn deep_check(
     let fail = |at: u64, m: String| Ok(Err(CheckError::new(Check::Deep, Some(at), m)));
     let t = dir.trailer;
     // The stream lies wholly in the data file, before the directory.
-    let stream = Limit { src: data, len: t.dir };
+    let stream = Limit { src: data, len: dir.stream_end() };
     let extents = dir.extents();
     let with_crc: Vec<usize> = (0..dir.entries.len()).filter(|&i| dir.entries[i].crc32c.is_some()).collect();
     let ext: Vec<(u64, u64)> = with_crc.iter().map(|&i| extents[i]).collect();
     let mut running = RunningCrcs { crcs: vec![0; ext.len()], extents: ext.clone(), next: 0 };
     let mut feed = |at: u64, b: &[u8]| running.feed(at, b);
     let mut tick = |at: u64| meter.set(at);
-    let mut popts = ParseOptions::new(stream_start, t.dir);
+    let mut popts = ParseOptions::new(stream_start, dir.stream_end());
     popts.vmdesc = hint;
+    popts.page_map = dir.ram_map.is_some();
     popts.progress = Some(&mut tick);
     super::testhook::pause("scan:start");
     // A slice is parsed whole and checksummed in parallel below; any other
@@ -204,8 +212,9 @@ fn deep_check(
     if s.eof != t.eof {
         return fail(s.eof, format!("the stream's EOF byte is at {}, the directory says {}", s.eof, t.eof));
     }
-    if s.end != t.dir {
-        return fail(s.end, format!("the stream ends at {}, the directory starts at {}", s.end, t.dir));
+    if s.end != dir.stream_end() {
+        let what = if dir.ram_map.is_some() { "RAM page map" } else { "directory" };
+        return fail(s.end, format!("the stream ends at {}, the {what} starts at {}", s.end, dir.stream_end()));
     }
     for (i, item) in s.items.iter().enumerate() {
         let Some(e) = dir.entries.get(i) else {
@@ -245,6 +254,17 @@ fn deep_check(
         Some(data) => crc32c_extents(data, &ext, meter),
         None => running.crcs,
     };
+    if let Some(stored) = stored_map {
+        let derived = s.ram.as_ref().and_then(|r| r.page_map());
+        if derived.as_ref() != Some(stored) {
+            let at = dir.ram_map.unwrap_or(dir.trailer.dir);
+            let why = match &derived {
+                None => "the stream has no RAM records to map".to_string(),
+                Some(d) => describe_map_difference(stored, d),
+            };
+            return fail(at, format!("the RAM page map does not match the stream's RAM records: {why}"));
+        }
+    }
     for (&i, c) in with_crc.iter().zip(got) {
         let want = dir.entries[i].crc32c.expect("filtered above");
         if c != want {
@@ -261,4 +281,25 @@ fn deep_check(
         }
     }
     Ok(Ok(()))
+}
+
+/// Where two page maps first differ, in words.
+fn describe_map_difference(stored: &PageMap, derived: &PageMap) -> String {
+    if stored.blocks.len() != derived.blocks.len() {
+        return format!("it has {} blocks, the stream {}", stored.blocks.len(), derived.blocks.len());
+    }
+    for (a, b) in stored.blocks.iter().zip(&derived.blocks) {
+        if a.id != b.id || a.used_length != b.used_length {
+            return format!("it has block \"{}\" ({} bytes), the stream \"{}\" ({} bytes)", a.id, a.used_length, b.id, b.used_length);
+        }
+        if a != b {
+            let pages = a.used_length.div_ceil(stored.page_size);
+            let first = (0..pages).find(|&p| a.lookup(p) != b.lookup(p));
+            return match first {
+                Some(p) => format!("block \"{}\" page {p}: the map says {:?}, the stream {:?}", a.id, a.lookup(p), b.lookup(p)),
+                None => format!("block \"{}\" is described differently", a.id),
+            };
+        }
+    }
+    "its page size differs".into()
 }

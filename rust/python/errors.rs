@@ -23,6 +23,7 @@ fn class_name(e: &Error) -> &'static str {
         Error::Directory { .. } => "DirectoryError",
         Error::TrailingData { .. } => "TrailingDataError",
         Error::NotFound { .. } => "SectionNotFoundError",
+        Error::Ram { .. } => "RamError",
         Error::Changed { .. } => "FileChangedError",
         Error::Locked { .. } => "FileLockedError",
         Error::Read { .. } => unreachable!("an OSError, made in to_pyerr"),

@@ -13,6 +13,7 @@ use crate::format::{command_name, Kind};
 use crate::ops::{self, Map};
 
 mod errors;
+mod ram;
 use errors::to_pyerr;
 
 /// What keeps a mapped file alive while views of it exist: the base object
@@ -464,6 +465,12 @@ impl SaveFile {
         d.set_item("domain_uuid", h.domain_uuid.as_deref())?;
         Ok(Some(d))
     }
+    /// The save's guest memory (walks the RAM records when the directory
+    /// stores no page map).
+    fn ram_map(&self, py: Python<'_>) -> PyResult<ram::RamMap> {
+        ram::ram_map(py, self)
+    }
+
     /// True when the stream was found by scanning for its magic.
     #[getter]
     fn stream_found_by_scan(&self) -> PyResult<bool> {
@@ -518,6 +525,8 @@ result_class! {
         replaced: u64,
         /// The sidecar directory (`FILE.savedir`) written or found, if any.
         sidecar: Option<String>,
+        /// Bytes of the RAM page map stored before the directory (0: none).
+        ram_map_size: u64,
     }
 }
 
@@ -605,7 +614,7 @@ fn load_hint(py: Python<'_>, path: Option<PathBuf>) -> PyResult<Option<Arc<crate
 
 /// Appends a section directory.
 #[pyfunction]
-#[pyo3(signature = (path, *, force=false, checksums=true, progress=false, sidecar=false, offset=None, wait=false, vmdesc=None))]
+#[pyo3(signature = (path, *, force=false, checksums=true, progress=false, sidecar=false, offset=None, wait=false, vmdesc=None, ram_map=true))]
 #[allow(clippy::too_many_arguments)]
 fn index(
     py: Python<'_>,
@@ -617,9 +626,10 @@ fn index(
     offset: Option<u64>,
     wait: bool,
     vmdesc: Option<PathBuf>,
+    ram_map: bool,
 ) -> PyResult<IndexResult> {
     let vmdesc = load_hint(py, vmdesc)?;
-    let opts = ops::IndexOptions { force, checksums, progress, sidecar, offset, wait, vmdesc };
+    let opts = ops::IndexOptions { force, checksums, progress, sidecar, offset, wait, vmdesc, ram_map };
     let r = py.detach(|| ops::index(&path, &opts)).map_err(|e| to_pyerr(py, e))?;
     Ok(IndexResult {
         path: lossy(&r.path),
@@ -629,6 +639,7 @@ fn index(
         directory_size: r.directory_len,
         replaced: r.replaced,
         sidecar: r.sidecar.as_deref().map(lossy),
+        ram_map_size: r.ram_map_len,
     })
 }
 
@@ -709,9 +720,9 @@ impl Recorder {
 #[pymethods]
 impl Recorder {
     #[new]
-    #[pyo3(signature = (path, *, checksums=true, sidecar=false, wait=false))]
-    fn new(py: Python<'_>, path: PathBuf, checksums: bool, sidecar: bool, wait: bool) -> PyResult<Self> {
-        let opts = ops::RecordOptions { checksums, progress: false, sidecar, wait };
+    #[pyo3(signature = (path, *, checksums=true, sidecar=false, wait=false, ram_map=true))]
+    fn new(py: Python<'_>, path: PathBuf, checksums: bool, sidecar: bool, wait: bool, ram_map: bool) -> PyResult<Self> {
+        let opts = ops::RecordOptions { checksums, progress: false, sidecar, wait, ram_map };
         let rec = py.detach(|| ops::Recorder::create(&path, opts)).map_err(|e| to_pyerr(py, e))?;
         Ok(Recorder { inner: std::sync::Mutex::new(Some(rec)), received: std::sync::atomic::AtomicU64::new(0), path })
     }
@@ -763,7 +774,7 @@ impl Recorder {
 
 /// Records the stream on standard input into `path` (the CLI's `record`).
 #[pyfunction]
-#[pyo3(signature = (path, *, checksums=true, progress=false, sidecar=false, wait=false))]
+#[pyo3(signature = (path, *, checksums=true, progress=false, sidecar=false, wait=false, ram_map=true))]
 fn record_stdin(
     py: Python<'_>,
     path: PathBuf,
@@ -771,8 +782,9 @@ fn record_stdin(
     progress: bool,
     sidecar: bool,
     wait: bool,
+    ram_map: bool,
 ) -> PyResult<RecordResult> {
-    let opts = ops::RecordOptions { checksums, progress, sidecar, wait };
+    let opts = ops::RecordOptions { checksums, progress, sidecar, wait, ram_map };
     let r = py.detach(|| ops::record_stdin(&path, opts)).map_err(|e| to_pyerr(py, e))?;
     Ok(RecordResult::from(r))
 }
@@ -787,6 +799,8 @@ fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<VerifyResult>()?;
     m.add_class::<StripResult>()?;
     m.add_class::<RecordResult>()?;
+    m.add_class::<ram::RamMap>()?;
+    m.add_class::<ram::PhysMap>()?;
     m.add_function(wrap_pyfunction!(record_stdin, m)?)?;
     m.add_function(wrap_pyfunction!(index, m)?)?;
     m.add_function(wrap_pyfunction!(verify, m)?)?;

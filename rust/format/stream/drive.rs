@@ -45,7 +45,9 @@ pub fn parse_source(
         }
     };
     let had_hint = hint.is_some();
+    let page_map = opts.page_map;
     let mut p = StreamParser::new(start, hint);
+    p.set_page_map(page_map);
     p.seekable = true;
     p.end_hint = end_hint;
     let mut progress = opts.progress;
@@ -64,6 +66,7 @@ pub fn parse_source(
     if !p.device_choices.is_empty() {
         if let Some(desc) = p.vmdesc_hint.clone().filter(|_| !had_hint) {
             let mut q = StreamParser::new(start, Some(desc));
+            q.set_page_map(page_map);
             q.seekable = true;
             q.end_hint = end_hint;
             drive(&mut q, src, &mut |_| {}, &mut |_, _| {}, false)?;

@@ -86,6 +86,7 @@ impl StreamParser {
 
     pub(super) fn command(&mut self, w: &Win, at: u64) -> Step<()> {
         let mut r = w.reader(at)?;
+        let mut body_at = 0;
         let (cmd, len, nested) = (|| -> Result<(u16, u16, u64)> {
             r.u8("the command type byte")?;
             let cmd_at = r.offset();
@@ -97,7 +98,7 @@ impl StreamParser {
                     format!("expected a command number from 1 to {CMD_MAX}, found {cmd}"),
                 ));
             }
-            let body_at = r.offset();
+            body_at = r.offset();
             let body = r.bytes(len as usize, "a command's data")?;
             let mut nested = 0;
             if cmd == CMD_PACKAGED {
@@ -114,6 +115,12 @@ impl StreamParser {
         .map_err(|e| w.fail(e))?;
         if cmd == CMD_POSTCOPY_ADVISE && len == 16 {
             self.ram_options.postcopy = true;
+        }
+        if cmd == CMD_POSTCOPY_RAM_DISCARD {
+            if let Some(ram) = self.ram.as_mut() {
+                let body = w.reader(body_at)?.bytes(len as usize, "a command's data").map_err(|e| w.fail(e))?;
+                ram.discard(body, body_at).map_err(|e| w.fail(e.context("a POSTCOPY_RAM_DISCARD command")))?;
+            }
         }
         let mut item = Item::new(Kind::Command, at);
         item.header_len = 5;

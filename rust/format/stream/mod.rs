@@ -43,6 +43,8 @@ const MAX_CHOICES: usize = 4096;
 const CMD_PACKAGED: u16 = 7;
 /// `MIG_CMD_POSTCOPY_ADVISE`
 const CMD_POSTCOPY_ADVISE: u16 = 3;
+/// `MIG_CMD_POSTCOPY_RAM_DISCARD`
+const CMD_POSTCOPY_RAM_DISCARD: u16 = 6;
 /// The largest command number QEMU 10 defines.
 const CMD_MAX: u16 = 11;
 
@@ -119,7 +121,8 @@ pub struct Stream {
     pub configuration: Option<Configuration>,
     /// Whether sections end in footers (None: the stream has no sections).
     pub footers: Option<bool>,
-    /// The RAM handler's state after the last RAM section.
+    /// The RAM handler's state after the last RAM section (with the page
+    /// map, when [`ParseOptions::page_map`] asked for it).
     pub ram: Option<RamState>,
     pub page_size: u64,
     /// Device sections whose end was found by their footer rather than by
@@ -139,11 +142,13 @@ pub struct ParseOptions<'p> {
     /// A vmdesc to delimit device sections with, instead of the stream's own
     /// (from another save of the same VM, for a stream that has none).
     pub vmdesc: Option<&'p Vmdesc>,
+    /// Follow every RAM record into a page map ([`Stream::page_map`]).
+    pub page_map: bool,
 }
 
 impl<'p> ParseOptions<'p> {
     pub fn new(start: u64, end_hint: u64) -> Self {
-        ParseOptions { start, end_hint, progress: None, vmdesc: None }
+        ParseOptions { start, end_hint, progress: None, vmdesc: None, page_map: false }
     }
 }
 
@@ -195,6 +200,7 @@ pub fn parse(data: &[u8], opts: ParseOptions<'_>) -> Result<Stream> {
     let had_hint = hint.is_some();
     let mut p = StreamParser::new(opts.start, hint);
     p.end_hint = end_hint;
+    p.set_page_map(opts.page_map);
     match p.advance(data, 0, true, opts.progress)? {
         Progress::Done => {}
         Progress::NeedMore => unreachable!("a final window never asks for more"),
@@ -205,6 +211,7 @@ pub fn parse(data: &[u8], opts: ParseOptions<'_>) -> Result<Stream> {
             // parse again with the sizes it gives.
             Some(desc) if !had_hint => {
                 let mut q = StreamParser::new(opts.start, Some(desc));
+                q.set_page_map(opts.page_map);
                 q.end_hint = end_hint;
                 q.advance(data, 0, true, None)?;
                 p = q;
@@ -330,6 +337,11 @@ struct Choice {
 }
 
 impl StreamParser {
+    /// Whether the RAM records are followed into a page map.
+    pub fn set_page_map(&mut self, on: bool) {
+        self.ram_options.page_map = on;
+    }
+
     /// A parser of the stream whose magic is at absolute offset `start`.
     /// `vmdesc_hint`, when known in advance, gives device section sizes.
     pub fn new(start: u64, vmdesc_hint: Option<Vmdesc>) -> Self {

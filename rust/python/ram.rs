@@ -1,0 +1,259 @@
+//! Guest memory in Python: `savedir._core.RamMap` (the blocks of a save,
+//! page by page) and `PhysMap` (guest-physical addresses over them).
+
+use std::sync::Arc;
+
+use numpy::{PyArray1, PyArray2, PyArrayMethods, PyUntypedArrayMethods};
+use pyo3::exceptions::PyValueError;
+use pyo3::prelude::*;
+use pyo3::sync::PyOnceLock;
+use pyo3::types::{PyBytes, PyList, PyMemoryView};
+
+use crate::format::pagemap::Loc;
+use crate::ops::ram::{GuestRam, PhysRange, ZERO_PAGE};
+
+use super::errors::to_pyerr;
+use super::{Owner, SaveFile};
+
+/// The RAM blocks of a save and where each page's content lies.
+#[pyclass(frozen, module = "savedir._core")]
+pub struct RamMap {
+    ram: Arc<GuestRam>,
+    owner: Owner,
+}
+
+static ZERO_VIEW: PyOnceLock<Py<PyMemoryView>> = PyOnceLock::new();
+
+/// The shared read-only zero page: the same object for every zero page of
+/// the usual 4 KiB size (a new one for other page sizes).
+fn zero_view<'py>(py: Python<'py>, len: usize) -> PyResult<Bound<'py, PyMemoryView>> {
+    const SHARED: usize = 4096;
+    if len != SHARED {
+        return PyMemoryView::from(PyBytes::new(py, &ZERO_PAGE[..len]).as_any());
+    }
+    let v = ZERO_VIEW.get_or_try_init(py, || -> PyResult<Py<PyMemoryView>> {
+        Ok(PyMemoryView::from(PyBytes::new(py, &ZERO_PAGE[..SHARED]).as_any())?.unbind())
+    })?;
+    Ok(v.bind(py).clone())
+}
+
+impl RamMap {
+    fn check_block(&self, b: usize) -> PyResult<()> {
+        if b >= self.ram.map.blocks.len() {
+            return Err(PyValueError::new_err(format!("no RAM block number {b}")));
+        }
+        Ok(())
+    }
+}
+
+#[pymethods]
+impl RamMap {
+    /// `(name, size, page_size, host_page_size, data_pages, zero_pages)` per block.
+    fn blocks<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyList>> {
+        let ps = self.ram.map.page_size;
+        let rows: Vec<_> = self
+            .ram
+            .map
+            .blocks
+            .iter()
+            .map(|b| (b.id.clone(), b.used_length, ps, b.host_page_size, b.data_pages, b.zero_pages))
+            .collect();
+        PyList::new(py, rows)
+    }
+
+    /// Where the map came from: "stored", "mapped-ram" or "scanned".
+    #[getter]
+    fn source(&self) -> &'static str {
+        self.ram.from.as_str()
+    }
+
+    #[getter]
+    fn page_size(&self) -> u64 {
+        self.ram.map.page_size
+    }
+
+    /// Page `page` of block `block` as a read-only memoryview: into the
+    /// mapping when the page is stored whole; the shared zero page for zero
+    /// and never-sent pages; else decoded into new bytes.
+    fn page<'py>(&self, py: Python<'py>, block: usize, page: u64) -> PyResult<Bound<'py, PyMemoryView>> {
+        self.check_block(block)?;
+        let ps = self.ram.map.page_size;
+        let blk = &self.ram.map.blocks[block];
+        let pages = blk.used_length.div_ceil(ps);
+        if page >= pages {
+            let e = crate::ops::Error::Ram {
+                path: self.ram.path.clone(),
+                message: format!("block \"{}\" has {pages} pages; there is no page {page}", blk.id),
+            };
+            return Err(to_pyerr(py, e));
+        }
+        match (blk.lookup(page), &self.owner.map) {
+            (Loc::Zero | Loc::Absent, _) if ps as usize <= ZERO_PAGE.len() => zero_view(py, ps as usize),
+            (Loc::Data(off), Some(_)) => self.owner.view(py, off, off + ps),
+            _ => {
+                let ram = self.ram.clone();
+                let src = self.owner.source.clone();
+                let v = py
+                    .detach(move || {
+                        let mut v = vec![0u8; ps as usize];
+                        ram.page_into(&*src, block, page, &mut v).map(|_| v)
+                    })
+                    .map_err(|e| to_pyerr(py, e))?;
+                PyMemoryView::from(PyBytes::new(py, &v).as_any())
+            }
+        }
+    }
+
+    /// Bytes `offset..offset+n` of block `block`.
+    fn read<'py>(&self, py: Python<'py>, block: usize, offset: u64, n: usize) -> PyResult<Bound<'py, PyBytes>> {
+        self.check_block(block)?;
+        let ram = self.ram.clone();
+        let src = self.owner.source.clone();
+        let v = py
+            .detach(move || {
+                let mut v = vec![0u8; n];
+                ram.read_block(&*src, block, offset, &mut v).map(|_| v)
+            })
+            .map_err(|e| to_pyerr(py, e))?;
+        Ok(PyBytes::new(py, &v))
+    }
+
+    /// The page numbers of block `block` whose content the file holds as data.
+    fn present<'py>(&self, py: Python<'py>, block: usize) -> PyResult<Bound<'py, PyArray1<u64>>> {
+        self.check_block(block)?;
+        let ram = self.ram.clone();
+        let v = py.detach(move || ram.present(block));
+        Ok(PyArray1::from_vec(py, v))
+    }
+
+    /// Pages `pages` of block `block` as one `(len(pages), page_size)` array.
+    fn gather<'py>(&self, py: Python<'py>, block: usize, pages: Vec<u64>) -> PyResult<Bound<'py, PyArray2<u8>>> {
+        self.check_block(block)?;
+        let ps = self.ram.map.page_size as usize;
+        let out = PyArray2::<u8>::zeros(py, [pages.len(), ps], false);
+        {
+            // SAFETY: a new array that no other code has seen yet.
+            let buf = unsafe { out.as_slice_mut() }.map_err(|e| PyValueError::new_err(e.to_string()))?;
+            let ram = self.ram.clone();
+            let src = self.owner.source.clone();
+            py.detach(|| ram.gather(&*src, block, &pages, buf)).map_err(|e| to_pyerr(py, e))?;
+        }
+        Ok(out)
+    }
+
+    /// A mapped-ram block's whole page region as a read-only array (no
+    /// copy): page n at `[n * page_size, (n + 1) * page_size)`. Pages its
+    /// bitmap leaves clear read as zeros there (QEMU leaves them unwritten).
+    fn array<'py>(&self, py: Python<'py>, block: usize) -> PyResult<Bound<'py, PyAny>> {
+        self.check_block(block)?;
+        let blk = &self.ram.map.blocks[block];
+        let Some(Some(region)) = self.ram.regions.get(block) else {
+            return Err(to_pyerr(
+                py,
+                crate::ops::Error::Ram {
+                    path: self.ram.path.clone(),
+                    message: format!(
+                        "block \"{}\" is not stored as one region (only mapped-ram saves store blocks whole)",
+                        blk.id
+                    ),
+                },
+            ));
+        };
+        let Some(map) = &self.owner.map else {
+            return Err(PyValueError::new_err("array() needs a file opened with mmap=True"));
+        };
+        super::array(py, map, *region, region + blk.used_length)
+    }
+}
+
+/// Guest-physical ranges over a [`RamMap`].
+#[pyclass(frozen, module = "savedir._core")]
+pub struct PhysMap {
+    ram: Arc<GuestRam>,
+    owner: Owner,
+    ranges: Vec<PhysRange>,
+}
+
+impl PhysMap {
+    fn find(&self, gpa: u64) -> Option<&PhysRange> {
+        let i = self.ranges.partition_point(|r| r.gpa <= gpa);
+        let r = &self.ranges[i.checked_sub(1)?];
+        (gpa < r.gpa + r.size).then_some(r)
+    }
+
+    /// Reads `out.len()` bytes at `gpa`, across ranges that touch.
+    fn read_into(&self, gpa: u64, out: &mut [u8]) -> crate::ops::Result<()> {
+        let mut done = 0usize;
+        while done < out.len() {
+            let at = gpa + done as u64;
+            let Some(r) = self.find(at) else {
+                return Err(crate::ops::Error::Ram {
+                    path: self.ram.path.clone(),
+                    message: format!(
+                        "guest-physical address 0x{at:x} is not backed by RAM (reading {} bytes at 0x{gpa:x})",
+                        out.len()
+                    ),
+                });
+            };
+            let n = ((r.gpa + r.size - at) as usize).min(out.len() - done);
+            self.ram.read_block(&*self.owner.source, r.block, r.offset + (at - r.gpa), &mut out[done..done + n])?;
+            done += n;
+        }
+        Ok(())
+    }
+}
+
+#[pymethods]
+impl PhysMap {
+    #[new]
+    fn new(ram: &RamMap, ranges: Vec<(u64, u64, usize, u64)>) -> PyResult<Self> {
+        let mut rs: Vec<PhysRange> = Vec::with_capacity(ranges.len());
+        for (gpa, size, block, offset) in ranges {
+            let blk = ram.ram.map.blocks.get(block).ok_or_else(|| PyValueError::new_err(format!("no block {block}")))?;
+            if offset.checked_add(size).is_none_or(|e| e > blk.used_length) || gpa.checked_add(size).is_none() {
+                return Err(PyValueError::new_err(format!(
+                    "range 0x{gpa:x}+0x{size:x} runs past block \"{}\" ({} bytes)",
+                    blk.id, blk.used_length
+                )));
+            }
+            rs.push(PhysRange { gpa, size, block, offset });
+        }
+        rs.sort_by_key(|r| r.gpa);
+        if let Some(w) = rs.windows(2).find(|w| w[0].gpa + w[0].size > w[1].gpa) {
+            return Err(PyValueError::new_err(format!("ranges at 0x{:x} and 0x{:x} overlap", w[0].gpa, w[1].gpa)));
+        }
+        Ok(PhysMap { ram: ram.ram.clone(), owner: ram.owner.clone(), ranges: rs })
+    }
+
+    fn read<'py>(&self, py: Python<'py>, gpa: u64, n: usize) -> PyResult<Bound<'py, PyBytes>> {
+        let mut v = vec![0u8; n];
+        py.detach(|| self.read_into(gpa, &mut v)).map_err(|e| to_pyerr(py, e))?;
+        Ok(PyBytes::new(py, &v))
+    }
+
+    /// `n` bytes at each address, as one `(len(gpas), n)` array.
+    fn read_many<'py>(&self, py: Python<'py>, gpas: Vec<u64>, n: usize) -> PyResult<Bound<'py, PyArray2<u8>>> {
+        let out = PyArray2::<u8>::zeros(py, [gpas.len(), n], false);
+        {
+            // SAFETY: a new array that no other code has seen yet.
+            let buf = unsafe { out.as_slice_mut() }.map_err(|e| PyValueError::new_err(e.to_string()))?;
+            py.detach(|| -> crate::ops::Result<()> {
+                for (i, &g) in gpas.iter().enumerate() {
+                    self.read_into(g, &mut buf[i * n..(i + 1) * n])?;
+                }
+                Ok(())
+            })
+            .map_err(|e| to_pyerr(py, e))?;
+        }
+        let _ = out.len();
+        Ok(out)
+    }
+}
+
+/// Builds the guest memory of an open file (with the GIL released).
+pub fn ram_map(py: Python<'_>, f: &SaveFile) -> PyResult<RamMap> {
+    let file = f.get()?;
+    let owner = Owner::of(&file);
+    let ram = py.detach(|| file.guest_ram()).map_err(|e| to_pyerr(py, e))?;
+    Ok(RamMap { ram: Arc::new(ram), owner })
+}
