@@ -101,6 +101,9 @@ class LivePlan:
     start_downtime_ms: int = 1
     final_downtime_ms: int = 5000
     max_bandwidth: int = 32 << 20
+    # Switch to postcopy (``migrate-start-postcopy``) after the syncs instead
+    # of raising the downtime limit (needs the postcopy-ram capability).
+    start_postcopy: bool = False
 
 
 @dataclass
@@ -153,7 +156,11 @@ def save(
                 before_migrate(vm)
             vm.cmd("migrate", uri=uri)
             _wait_for_syncs(vm, live.syncs, timeout)
-            vm.set_parameters({"downtime-limit": live.final_downtime_ms})
+            if live.start_postcopy:
+                # Still unable to converge: the switch happens at the next iteration.
+                vm.cmd("migrate-start-postcopy")
+            else:
+                vm.set_parameters({"downtime-limit": live.final_downtime_ms})
             info = vm.wait_migration(f"live migrate to {uri}", timeout, cancel_on_timeout=True)
         else:
             if run_seconds > 0:
@@ -322,10 +329,12 @@ def migrate_via_proxy(
     before_migrate: Callable[[h.VM], None] | None = None,
     dest_setup: Setup | None = None,
     timeout: float = 90.0,
+    dest_inspect: Callable[[h.VM], None] | None = None,
 ) -> dict[str, Any]:
     """A real migration source -> proxy -> destination over unix sockets,
     the stream recorded to ``record``.  Returns the destination's
-    ``query-status`` after it loaded the stream."""
+    ``query-status`` after it loaded the stream; ``dest_inspect(vm)`` runs
+    on the destination then, before it quits."""
     d = _short_dir()
     listen, dest = os.path.join(d, "p.sock"), os.path.join(d, "d.sock")
     dest_setup = dest_setup or setup
@@ -343,6 +352,8 @@ def migrate_via_proxy(
                 raise h.MigrationError("destination stuck in inmigrate")
             time.sleep(0.02)
         status = dvm.status()
+        if dest_inspect is not None:
+            dest_inspect(dvm)
     shutil.rmtree(d, ignore_errors=True)
     return status
 

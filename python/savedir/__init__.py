@@ -98,12 +98,14 @@ class Recorder(io.RawIOBase):
     (True, True)
     """
 
-    def __init__(self, path: PathLike, *, checksums: bool = True, sidecar: bool = False, wait: bool = False) -> None:
+    def __init__(
+        self, path: PathLike, *, checksums: bool = True, sidecar: bool = False, wait: bool = False, ram_map: bool = True
+    ) -> None:
         super().__init__()
         self.path: str = os.fspath(path)
         self.result: Optional[RecordResult] = None
         """Set once :meth:`close` has appended the directory."""
-        self._rec = _core.Recorder(self.path, checksums=checksums, sidecar=sidecar, wait=wait)
+        self._rec = _core.Recorder(self.path, checksums=checksums, sidecar=sidecar, wait=wait, ram_map=ram_map)
 
     def writable(self) -> bool:
         return True
@@ -148,6 +150,7 @@ def record(
     progress: bool = False,
     sidecar: bool = False,
     wait: bool = False,
+    ram_map: bool = True,
 ) -> RecordResult:
     """Records a migration stream into ``path`` and appends its directory.
 
@@ -155,7 +158,7 @@ def record(
     this process's standard input, which is then read in Rust without the
     GIL (what ``savedir record`` does). With ``sidecar`` the directory goes
     to ``path + ".savedir"`` and ``path`` holds only the stream. See
-    :class:`Recorder`.
+    :class:`Recorder`. ``ram_map`` as for :func:`index`.
 
     >>> import builtins
     >>> with builtins.open("vm.sav", "rb") as src:
@@ -163,8 +166,10 @@ def record(
     True
     """
     if source is None:
-        return _core.record_stdin(os.fspath(path), checksums=checksums, progress=progress, sidecar=sidecar, wait=wait)
-    with Recorder(path, checksums=checksums, sidecar=sidecar, wait=wait) as rec:
+        return _core.record_stdin(
+            os.fspath(path), checksums=checksums, progress=progress, sidecar=sidecar, wait=wait, ram_map=ram_map
+        )
+    with Recorder(path, checksums=checksums, sidecar=sidecar, wait=wait, ram_map=ram_map) as rec:
         while True:
             chunk = source.read(1 << 20)
             if not chunk:
@@ -184,6 +189,7 @@ def index(
     offset: Optional[int] = None,
     wait: bool = False,
     vmdesc: Optional[PathLike] = None,
+    ram_map: bool = True,
 ) -> IndexResult:
     """Appends a section directory to the save file at ``path``.
 
@@ -208,6 +214,11 @@ def index(
     another process) raises :class:`FileLockedError` at once and is left as
     it is, unless ``wait`` asks to wait until the readers are gone.
 
+    ``ram_map`` (on by default) stores the RAM page map before the
+    directory, so that any guest page is found from the file's tail
+    (``ram_map_size`` says how many bytes it took); mapped-ram streams need
+    none, their pages lie at fixed offsets already.
+
     >>> r = index("vm.sav")
     >>> r.written, r.entries > 10
     (True, True)
@@ -223,6 +234,7 @@ def index(
         offset=offset,
         wait=wait,
         vmdesc=_fspath(vmdesc),
+        ram_map=ram_map,
     )
 
 
