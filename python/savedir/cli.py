@@ -69,6 +69,7 @@ def cmd_index(a: argparse.Namespace) -> int:
             offset=a.offset,
             wait=a.wait,
             vmdesc=a.vmdesc,
+            ram_map=not a.no_ram_map,
         )
         if a.json:
             print(json.dumps(r.to_dict()))
@@ -188,10 +189,18 @@ def cmd_desc(a: argparse.Namespace) -> int:
 
 
 def cmd_record(a: argparse.Namespace) -> int:
-    r = savedir.record(a.file, checksums=not a.no_checksums, progress=_progress(), sidecar=a.sidecar, wait=a.wait)
+    r = savedir.record(
+        a.file, checksums=not a.no_checksums, progress=_progress(), sidecar=a.sidecar, wait=a.wait, ram_map=not a.no_ram_map
+    )
     if not a.quiet:
         print(f"{a.file}: recorded {r.stream_size} bytes, {r.entries} entries, directory of {r.directory_size} bytes")
     return EXIT_OK
+
+
+def cmd_ram(a: argparse.Namespace) -> int:
+    from savedir import _ram_cli
+
+    return _ram_cli.run(a, _progress())
 
 
 def cmd_strip(a: argparse.Namespace) -> int:
@@ -249,6 +258,7 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--force", action="store_true", help="rewrite an existing directory; replace unknown bytes after the stream")
     sp.add_argument("--no-checksums", action="store_true", help="write no CRC-32C entries")
     sp.add_argument("--sidecar", action="store_true", help="write the directory to FILE.savedir and leave FILE unchanged")
+    sp.add_argument("--no-ram-map", action="store_true", help="store no RAM page map (readers then walk the RAM records)")
     sp.add_argument("--json", action="store_true", help="one JSON object per file")
     sp.add_argument("-q", "--quiet", action="store_true", help="print nothing on success")
 
@@ -282,7 +292,13 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("file", metavar="FILE")
     sp.add_argument("--no-checksums", action="store_true", help="write no CRC-32C entries")
     sp.add_argument("--sidecar", action="store_true", help="write the directory to FILE.savedir")
+    sp.add_argument("--no-ram-map", action="store_true", help="store no RAM page map (readers then walk the RAM records)")
     sp.add_argument("-q", "--quiet", action="store_true", help="print nothing on success")
+
+    sp = add("ram", cmd_ram, "show a save's guest memory: RAM blocks and guest-physical ranges; read, extract or dump it as ELF")
+    from savedir import _ram_cli
+
+    _ram_cli.add_arguments(sp)
 
     sp = add("strip", cmd_strip, "remove the directory: truncate each file back to its stream's end")
     sp.add_argument("files", nargs="+", metavar="FILE")

@@ -2,6 +2,7 @@
 //! truncating, flushing to disk, checksums and progress.
 
 pub mod checksum;
+pub mod dump;
 pub mod error;
 pub mod index;
 pub mod locate;

@@ -141,6 +141,18 @@ impl RamMap {
         Ok(out)
     }
 
+    /// Writes block `block` whole to `path`, sparse where its pages are zero;
+    /// returns the bytes written (the block's size).
+    #[pyo3(signature = (block, path, *, progress=false))]
+    fn write_block(&self, py: Python<'_>, block: usize, path: std::path::PathBuf, progress: bool) -> PyResult<u64> {
+        self.check_block(block)?;
+        let name = &self.ram.map.blocks[block].id;
+        let meter = crate::ops::Progress::new(progress, format!("{name}: writing"), self.ram.map.blocks[block].used_length);
+        let r = py.detach(|| crate::ops::dump::write_block(&self.ram, &*self.owner.source, block, &path, &meter));
+        meter.finish();
+        r.map_err(|e| to_pyerr(py, e))
+    }
+
     /// A mapped-ram block's whole page region as a read-only array (no
     /// copy): page n at `[n * page_size, (n + 1) * page_size)`. Pages its
     /// bitmap leaves clear read as zeros there (QEMU leaves them unwritten).
@@ -223,6 +235,21 @@ impl PhysMap {
             return Err(PyValueError::new_err(format!("ranges at 0x{:x} and 0x{:x} overlap", w[0].gpa, w[1].gpa)));
         }
         Ok(PhysMap { ram: ram.ram.clone(), owner: ram.owner.clone(), ranges: rs })
+    }
+
+    /// Writes an ELF64 core of these ranges to `path` (one PT_LOAD each,
+    /// after a PT_NOTE of `notes` when given); returns its size.
+    #[pyo3(signature = (path, *, notes=None, progress=false))]
+    fn write_elf(
+        &self,
+        py: Python<'_>,
+        path: std::path::PathBuf,
+        notes: Option<Vec<u8>>,
+        progress: bool,
+    ) -> PyResult<u64> {
+        let notes = notes.unwrap_or_default();
+        py.detach(|| crate::ops::dump::write_elf(&self.ram, &*self.owner.source, &self.ranges, &notes, &path, progress))
+            .map_err(|e| to_pyerr(py, e))
     }
 
     fn read<'py>(&self, py: Python<'py>, gpa: u64, n: usize) -> PyResult<Bound<'py, PyBytes>> {
