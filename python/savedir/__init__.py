@@ -417,7 +417,7 @@ class SaveFile(_core.SaveFile):
     """
 
     _vmdesc: Optional[dict[str, Any]] = None
-    _ram: Any = None
+    _ram: Optional["Ram"] = None
 
     @property
     def ram(self) -> "Ram":

@@ -4,6 +4,8 @@ from os import PathLike
 from types import TracebackType
 from typing import Any, Literal, Optional, Union, final
 
+import numpy as np
+import numpy.typing as npt
 from typing_extensions import Self, disjoint_base
 
 _Path = Union[str, PathLike[str]]
@@ -20,6 +22,8 @@ __all__ = [
     "VerifyResult",
     "StripResult",
     "RecordResult",
+    "RamMap",
+    "PhysMap",
     "record_stdin",
     "index",
     "verify",
@@ -126,6 +130,7 @@ class SaveFile:
     def container(self) -> Optional[dict[str, Any]]: ...
     @property
     def stream_found_by_scan(self) -> bool: ...
+    def ram_map(self) -> RamMap: ...
 
 @final
 class IndexResult:
@@ -143,6 +148,8 @@ class IndexResult:
     def replaced(self) -> int: ...
     @property
     def sidecar(self) -> Optional[str]: ...
+    @property
+    def ram_map_size(self) -> int: ...
     def to_dict(self) -> dict[str, Any]: ...
 
 @final
@@ -196,7 +203,9 @@ class RecordResult:
 
 @final
 class Recorder:
-    def __new__(cls, path: _Path, *, checksums: bool = True, sidecar: bool = False, wait: bool = False) -> Recorder: ...
+    def __new__(
+        cls, path: _Path, *, checksums: bool = True, sidecar: bool = False, wait: bool = False, ram_map: bool = True
+    ) -> Recorder: ...
     def write(self, data: Any) -> int: ...
     @property
     def received(self) -> int: ...
@@ -204,7 +213,13 @@ class Recorder:
     def abort(self) -> None: ...
 
 def record_stdin(
-    path: _Path, *, checksums: bool = True, progress: bool = False, sidecar: bool = False, wait: bool = False
+    path: _Path,
+    *,
+    checksums: bool = True,
+    progress: bool = False,
+    sidecar: bool = False,
+    wait: bool = False,
+    ram_map: bool = True,
 ) -> RecordResult: ...
 def index(
     path: _Path,
@@ -216,6 +231,7 @@ def index(
     offset: Optional[int] = None,
     wait: bool = False,
     vmdesc: Optional[_Path] = None,
+    ram_map: bool = True,
 ) -> IndexResult: ...
 def verify(
     path: _Path,
@@ -229,3 +245,24 @@ def verify(
 def strip(
     path: _Path, *, force: bool = False, offset: Optional[int] = None, wait: bool = False, vmdesc: Optional[_Path] = None
 ) -> StripResult: ...
+
+@final
+class RamMap:
+    def blocks(self) -> list[tuple[str, int, int, Optional[int], int, int]]: ...
+    @property
+    def source(self) -> Literal["stored", "mapped-ram", "scanned"]: ...
+    @property
+    def page_size(self) -> int: ...
+    def page(self, block: int, page: int) -> memoryview: ...
+    def read(self, block: int, offset: int, n: int) -> bytes: ...
+    def present(self, block: int) -> npt.NDArray[np.uint64]: ...
+    def gather(self, block: int, pages: list[int]) -> npt.NDArray[np.uint8]: ...
+    def write_block(self, block: int, path: _Path, *, progress: bool = False) -> int: ...
+    def array(self, block: int) -> npt.NDArray[np.uint8]: ...
+
+@final
+class PhysMap:
+    def __new__(cls, ram: RamMap, ranges: list[tuple[int, int, int, int]]) -> PhysMap: ...
+    def write_elf(self, path: _Path, *, notes: Optional[bytes] = None, progress: bool = False) -> int: ...
+    def read(self, gpa: int, n: int) -> bytes: ...
+    def read_many(self, gpas: list[int], n: int) -> npt.NDArray[np.uint8]: ...

@@ -20,6 +20,7 @@ from . import _core
 
 if TYPE_CHECKING:
     import numpy as np
+    import numpy.typing as npt
 
 __all__ = ["Ram", "RamBlock", "RamRange"]
 
@@ -69,16 +70,16 @@ class RamBlock:
         """``n`` bytes of the block from ``offset``."""
         return self._map.read(self._index, offset, n)
 
-    def present(self) -> "np.ndarray":
+    def present(self) -> "npt.NDArray[np.uint64]":
         """The page numbers whose content the file holds as data (uint64)."""
         return self._map.present(self._index)
 
-    def gather(self, pages: Sequence[int]) -> "np.ndarray":
+    def gather(self, pages: Sequence[int]) -> "npt.NDArray[np.uint8]":
         """Pages ``pages`` as one ``(len(pages), page_size)`` uint8 array,
         read in one call with the GIL released."""
         return self._map.gather(self._index, [int(p) for p in pages])
 
-    def array(self) -> "np.ndarray":
+    def array(self) -> "npt.NDArray[np.uint8]":
         """For a mapped-ram save: the whole block as a read-only uint8 array
         into the file's mapping (no copy). Other saves raise :class:`RamError`."""
         return self._map.array(self._index)
@@ -147,7 +148,7 @@ class Ram(Mapping[str, RamBlock]):
         backs raises :class:`RamError`."""
         return self._physmap().read(gpa, n)
 
-    def read_phys_many(self, gpas: Sequence[int], n: int) -> "np.ndarray":
+    def read_phys_many(self, gpas: Sequence[int], n: int) -> "npt.NDArray[np.uint8]":
         """``n`` bytes at each address, as one ``(len(gpas), n)`` uint8 array."""
         return self._physmap().read_many([int(g) for g in gpas], n)
 

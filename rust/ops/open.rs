@@ -124,8 +124,18 @@ pub fn open(path: &Path, opts: &OpenOptions) -> Result<SaveFile> {
         let f = Arc::new(FileSource::new(path, file)?);
         (Arc::new(Cached::new(f.clone())), Backing::File(f))
     };
+    // A directory's checks read one header per entry, scattered over the
+    // file: without read-ahead a cold file costs a page per entry, not more.
+    let map = if let Backing::Map(m) = &backing { Some(m.clone()) } else { None };
+    if let Some(m) = &map {
+        m.advise_random(!opts.scan);
+    }
     let dir = if opts.scan { None } else { find_directory(path, &*source)? };
-    let mut f = open_source(path, source, backing, dir, opts)?;
+    let f = open_source(path, source, backing, dir, opts);
+    if let Some(m) = &map {
+        m.advise_random(false);
+    }
+    let mut f = f?;
     f.lock = Some(lock);
     f.check_changed()?;
     Ok(f)

@@ -5,7 +5,9 @@
 use std::borrow::Cow;
 use std::sync::Arc;
 
-use crate::format::pagemap::{self, Base, BlockMap, Loc, PageMap};
+use rayon::prelude::*;
+
+use crate::format::pagemap::{self, Base, BlockMap, Loc, PageMap, RunKind};
 use crate::format::ram::RamState;
 use crate::format::source::{Limit, ReadAt};
 use crate::format::stream::{self, ParseOptions};
@@ -53,6 +55,28 @@ pub struct GuestRam {
     pub regions: Vec<Option<u64>>,
     /// The file, for messages.
     pub path: std::path::PathBuf,
+    /// Per block, built on first use by [`GuestRam::gather`]: one word per
+    /// page, for lookups in O(1) (see [`dense_index`]).
+    dense: Vec<std::sync::OnceLock<Vec<u64>>>,
+    /// Where the `ram` section's items lie in the file.
+    pub extent: Option<(u64, u64)>,
+}
+
+/// One word per page of `b`: 0 zero or never sent, `offset << 2 | 2`
+/// stored at a file offset, `chain << 2 | 3` to be decoded.
+fn dense_index(b: &BlockMap, page_size: u64) -> Vec<u64> {
+    let mut v = vec![0u64; b.used_length.div_ceil(page_size) as usize];
+    for r in &b.runs {
+        for i in 0..r.count {
+            let w = match r.kind {
+                RunKind::Zero => 0,
+                RunKind::Data => ((r.offset + i * r.stride) << 2) | 2,
+                RunKind::Chain => ((r.offset + i) << 2) | 3,
+            };
+            v[(r.first + i) as usize] = w;
+        }
+    }
+    v
 }
 
 /// Bytes of a zero page, shared by every read of one.
@@ -63,6 +87,19 @@ impl SaveFile {
     /// directory has one, else by walking the stream's RAM records (which
     /// reads them all). Long: call it with the GIL released.
     pub fn guest_ram(&self) -> Result<GuestRam> {
+        let mut ram = self.guest_ram_inner()?;
+        let items: Vec<_> =
+            self.entries.iter().filter(|e| e.kind.is_section() && e.name.as_deref() == Some("ram")).collect();
+        ram.extent = items.first().zip(items.last()).map(|(a, b)| (a.offset, b.end));
+        // Guest pages are read one at a time, anywhere: no read-ahead over
+        // the RAM section (a cold read then costs a page, not megabytes).
+        if let Some(m) = self.map() {
+            ram.advise(m, super::source::Advice::Random);
+        }
+        Ok(ram)
+    }
+
+    fn guest_ram_inner(&self) -> Result<GuestRam> {
         if let (Some(at), Some(t)) = (self.ram_map_at, self.trailer) {
             let dsrc = self.dir_source();
             let view = dsrc.view(&*self.source);
@@ -81,8 +118,7 @@ impl SaveFile {
                     e.message,
                 ),
             })?;
-            let n = map.blocks.len();
-            return Ok(GuestRam { map, from: MapSource::Stored, regions: vec![None; n], path: self.path.clone() });
+            return Ok(GuestRam::new(map, MapSource::Stored, None, &self.path));
         }
         self.scan_ram()
     }
@@ -102,8 +138,7 @@ impl SaveFile {
             return self.mapped_ram(&ram);
         }
         let map = ram.page_map().expect("a page map was asked for");
-        let n = map.blocks.len();
-        Ok(GuestRam { map, from: MapSource::Scanned, regions: vec![None; n], path: self.path.clone() })
+        Ok(GuestRam::new(map, MapSource::Scanned, None, &self.path))
     }
 
     fn mapped_ram(&self, ram: &RamState) -> Result<GuestRam> {
@@ -124,11 +159,30 @@ impl SaveFile {
             blocks.push((b.id.clone(), b.used_length, b.page_size, data));
         }
         let map = PageMap::from_mapped(&blocks, ps);
-        Ok(GuestRam { map, from: MapSource::MappedRam, regions, path: self.path.clone() })
+        Ok(GuestRam::new(map, MapSource::MappedRam, Some(regions), &self.path))
     }
 }
 
 impl GuestRam {
+    pub fn new(map: PageMap, from: MapSource, regions: Option<Vec<Option<u64>>>, path: &std::path::Path) -> Self {
+        let n = map.blocks.len();
+        GuestRam {
+            map,
+            from,
+            regions: regions.unwrap_or_else(|| vec![None; n]),
+            path: path.to_path_buf(),
+            dense: (0..n).map(|_| std::sync::OnceLock::new()).collect(),
+            extent: None,
+        }
+    }
+
+    /// Gives the kernel `advice` for the `ram` section's bytes in mapping `m`.
+    pub fn advise(&self, m: &super::source::Map, advice: super::source::Advice) {
+        if let Some((a, b)) = self.extent {
+            m.advise_range(advice, a, b);
+        }
+    }
+
     pub fn page_size(&self) -> u64 {
         self.map.page_size
     }
@@ -266,10 +320,29 @@ impl GuestRam {
         if let Some(&bad) = pages.iter().find(|&&p| p >= n) {
             return Err(self.err(format!("block \"{}\" has {n} pages; there is no page {bad}", self.block(b).id)));
         }
-        for (i, &p) in pages.iter().enumerate() {
-            self.page_into(src, b, p, &mut out[i * ps..(i + 1) * ps])?;
+        let dense = self.dense[b].get_or_init(|| dense_index(self.block(b), self.map.page_size));
+        let data = src.as_slice();
+        // Stored pages are copied straight from a mapping; the rest decoded.
+        let one = |(p, dst): (&u64, &mut [u8])| -> Result<()> {
+            let w = dense[*p as usize];
+            match (w & 3, data) {
+                (0, _) => dst.fill(0),
+                (2, Some(all)) => {
+                    let off = (w >> 2) as usize;
+                    let s = all.get(off..off + ps).ok_or_else(|| {
+                        self.err(format!("the page map points past the file's end (offset {off})"))
+                    })?;
+                    dst.copy_from_slice(s);
+                }
+                _ => self.page_into(src, b, *p, dst)?,
+            }
+            Ok(())
+        };
+        if pages.len() >= 4096 {
+            pages.par_iter().zip(out.par_chunks_mut(ps)).with_min_len(1024).try_for_each(one)
+        } else {
+            pages.iter().zip(out.chunks_mut(ps)).try_for_each(one)
         }
-        Ok(())
     }
 
     /// The page numbers of block `b` whose content the file holds as data.

@@ -17,7 +17,8 @@ use std::os::unix::fs::FileExt;
 use std::path::Path;
 use std::sync::Arc;
 
-use memmap2::{Advice, Mmap};
+pub use memmap2::Advice;
+use memmap2::Mmap;
 
 use crate::format::source::ReadAt;
 
@@ -73,6 +74,27 @@ impl Map {
     pub fn advise_sequential(&self) {
         if let Some(m) = &self.map {
             let _ = m.advise(Advice::Sequential);
+        }
+    }
+
+    /// How bytes `start..end` will be read: `Random` (no read-ahead: single
+    /// guest pages), `Sequential`, or `Normal`.
+    pub fn advise_range(&self, advice: Advice, start: u64, end: u64) {
+        if let Some(m) = &self.map {
+            let page = 4096u64;
+            let from = start / page * page;
+            let to = end.min(m.len() as u64);
+            if to > from {
+                let _ = m.advise_range(advice, from as usize, (to - from) as usize);
+            }
+        }
+    }
+
+    /// No read-ahead (scattered small reads: a directory's headers, pages),
+    /// or back to the kernel's default.
+    pub fn advise_random(&self, random: bool) {
+        if let Some(m) = &self.map {
+            let _ = m.advise(if random { Advice::Random } else { Advice::Normal });
         }
     }
 }

@@ -38,6 +38,11 @@ fn zero_view<'py>(py: Python<'py>, len: usize) -> PyResult<Bound<'py, PyMemoryVi
 }
 
 impl RamMap {
+    /// Runs `f`, a front-to-back read of the RAM, with read-ahead on.
+    fn sequentially<T>(&self, f: impl FnOnce() -> T) -> T {
+        sequentially(&self.ram, &self.owner, f)
+    }
+
     fn check_block(&self, b: usize) -> PyResult<()> {
         if b >= self.ram.map.blocks.len() {
             return Err(PyValueError::new_err(format!("no RAM block number {b}")));
@@ -130,7 +135,9 @@ impl RamMap {
     fn gather<'py>(&self, py: Python<'py>, block: usize, pages: Vec<u64>) -> PyResult<Bound<'py, PyArray2<u8>>> {
         self.check_block(block)?;
         let ps = self.ram.map.page_size as usize;
-        let out = PyArray2::<u8>::zeros(py, [pages.len(), ps], false);
+        // SAFETY: uninitialised, but gather writes every byte (or fails, and
+        // the array is dropped unseen).
+        let out = unsafe { PyArray2::<u8>::new(py, [pages.len(), ps], false) };
         {
             // SAFETY: a new array that no other code has seen yet.
             let buf = unsafe { out.as_slice_mut() }.map_err(|e| PyValueError::new_err(e.to_string()))?;
@@ -148,7 +155,9 @@ impl RamMap {
         self.check_block(block)?;
         let name = &self.ram.map.blocks[block].id;
         let meter = crate::ops::Progress::new(progress, format!("{name}: writing"), self.ram.map.blocks[block].used_length);
-        let r = py.detach(|| crate::ops::dump::write_block(&self.ram, &*self.owner.source, block, &path, &meter));
+        let r = py.detach(|| {
+            self.sequentially(|| crate::ops::dump::write_block(&self.ram, &*self.owner.source, block, &path, &meter))
+        });
         meter.finish();
         r.map_err(|e| to_pyerr(py, e))
     }
@@ -248,8 +257,12 @@ impl PhysMap {
         progress: bool,
     ) -> PyResult<u64> {
         let notes = notes.unwrap_or_default();
-        py.detach(|| crate::ops::dump::write_elf(&self.ram, &*self.owner.source, &self.ranges, &notes, &path, progress))
-            .map_err(|e| to_pyerr(py, e))
+        py.detach(|| {
+            sequentially(&self.ram, &self.owner, || {
+                crate::ops::dump::write_elf(&self.ram, &*self.owner.source, &self.ranges, &notes, &path, progress)
+            })
+        })
+        .map_err(|e| to_pyerr(py, e))
     }
 
     fn read<'py>(&self, py: Python<'py>, gpa: u64, n: usize) -> PyResult<Bound<'py, PyBytes>> {
@@ -275,6 +288,18 @@ impl PhysMap {
         let _ = out.len();
         Ok(out)
     }
+}
+
+fn sequentially<T>(ram: &GuestRam, owner: &Owner, f: impl FnOnce() -> T) -> T {
+    use crate::ops::source::Advice;
+    if let Some(m) = &owner.map {
+        ram.advise(m, Advice::Sequential);
+    }
+    let r = f();
+    if let Some(m) = &owner.map {
+        ram.advise(m, Advice::Random);
+    }
+    r
 }
 
 /// Builds the guest memory of an open file (with the GIL released).
