@@ -13,6 +13,7 @@ use crate::format::{command_name, Kind};
 use crate::ops::{self, Map};
 
 mod errors;
+mod layout;
 use errors::to_pyerr;
 
 /// What keeps a mapped file alive while views of it exist: the base object
@@ -791,6 +792,7 @@ fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(index, m)?)?;
     m.add_function(wrap_pyfunction!(verify, m)?)?;
     m.add_function(wrap_pyfunction!(strip, m)?)?;
+    layout::register(m)?;
     m.add("__version__", env!("CARGO_PKG_VERSION"))?;
     Ok(())
 }
