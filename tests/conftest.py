@@ -25,6 +25,7 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import qemu_harness  # noqa: E402
+from linux_guest import guest_saves  # noqa: E402,F401  (the real Linux guest's saves)
 
 
 def pytest_configure(config: pytest.Config) -> None:

@@ -7,6 +7,7 @@ use std::sync::Arc;
 
 pub mod directory;
 pub mod error;
+pub mod layout;
 pub mod libvirt;
 pub mod pagemap;
 pub mod ram;

@@ -13,6 +13,7 @@ use crate::format::{command_name, Kind};
 use crate::ops::{self, Map};
 
 mod errors;
+mod layout;
 mod ram;
 use errors::to_pyerr;
 
@@ -805,6 +806,7 @@ fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(index, m)?)?;
     m.add_function(wrap_pyfunction!(verify, m)?)?;
     m.add_function(wrap_pyfunction!(strip, m)?)?;
+    layout::register(m)?;
     m.add("__version__", env!("CARGO_PKG_VERSION"))?;
     Ok(())
 }

@@ -1,0 +1,44 @@
+"""The Linux guest fixture itself (tests/linux_guest.py): QEMU's dumps hold
+the guest's whole fill, intact; QEMU loaded every save; the live saves are
+what they claim to be. These hold whatever savedir does."""
+
+from __future__ import annotations
+
+import physmap
+from linux_guest import GuestSaves, check_pattern
+
+
+def test_paused_dumps_hold_the_whole_fill(guest_saves: GuestSaves) -> None:
+    for snap in guest_saves.snapshots:
+        elf = physmap.Elf(snap.dump)
+        assert elf.e_type == 4 and elf.loads, snap.dump  # ET_CORE
+        counts = check_pattern(elf, snap.pages)
+        assert counts["generations"] == 1  # a guest that only filled
+        assert snap.save.stat().st_size > snap.pages * 4096  # QEMU wrote the pages
+        assert snap.mapped.exists()
+    # q35 with 3 GiB: 2 GiB below 4 GiB, the rest at 4 GiB, and the fill reaches it
+    q35 = physmap.Elf(guest_saves.q35.dump)
+    assert any(ld.paddr == 4 << 30 and ld.filesz == 1 << 30 for ld in q35.loads), q35.loads
+    assert guest_saves.q35.pages * 4096 > 2 << 30
+
+
+def test_a_reloaded_save_dumps_like_its_source(guest_saves: GuestSaves) -> None:
+    """The oracle of the live saves (load, then dump) gives the source's dump
+    for the paused pc save: QEMU's load is faithful."""
+    src, again = physmap.Elf(guest_saves.pc.dump), physmap.Elf(guest_saves.pc.reload_dump)
+    assert [(l.paddr, l.filesz) for l in src.loads] == [(l.paddr, l.filesz) for l in again.loads]
+    for a, b in zip(src.loads, again.loads):
+        for (ga, da), (gb, db) in zip(src.chunks(a), again.chunks(b)):
+            assert ga == gb and da == db, f"differs in the load at {a.paddr:#x}"
+
+
+def test_live_saves_sent_pages_again(guest_saves: GuestSaves) -> None:
+    for kind, ls in guest_saves.live.items():
+        ram = ls.query_migrate["ram"]
+        assert ram["dirty-sync-count"] >= 4, (kind, ram)
+        # more pages sent than the guest has: pages went more than once
+        assert ram["normal"] > (int(ls.guest.mem) << 20) // 4096, (kind, ram)
+        counts = check_pattern(physmap.Elf(ls.dump), ls.pages)
+        assert counts["pages"] == ls.pages
+    x = guest_saves.live["xbzrle"].query_migrate
+    assert x["xbzrle-cache"]["pages"] > 0, x
