@@ -11,6 +11,7 @@ import pytest
 
 import savedir
 import savedir.errors
+import savedir.ram
 
 EXAMPLE = Path(__file__).resolve().parent.parent / "examples" / "pc-i440fx.sav"
 
@@ -18,7 +19,7 @@ EXAMPLE = Path(__file__).resolve().parent.parent / "examples" / "pc-i440fx.sav"
 def _doctests() -> list[doctest.DocTest]:
     finder = doctest.DocTestFinder()
     tests = []
-    for mod in (savedir, savedir.errors):
+    for mod in (savedir, savedir.errors, savedir.ram):
         tests += [t for t in finder.find(mod) if t.examples]
     return tests
 
@@ -28,7 +29,7 @@ DOCTESTS = _doctests()
 
 def test_docstrings_have_examples() -> None:
     names = {t.name.split(".")[-1] for t in DOCTESTS}
-    assert {"savedir", "index", "verify", "strip", "open", "Section", "vmdesc"} <= names, names
+    assert {"savedir", "index", "verify", "strip", "open", "Section", "vmdesc", "ram", "Ram", "RamBlock"} <= names, names
 
 
 @pytest.mark.parametrize("test", DOCTESTS, ids=[t.name for t in DOCTESTS])

@@ -429,7 +429,7 @@ class SaveFile(_core.SaveFile):
         if self._ram is None:
             from .ram import Ram
 
-            self._ram = Ram(self.ram_map(), self.machine_type)
+            self._ram = Ram(self, self.ram_map())
         return self._ram
 
     def section(self, name: str, instance: Optional[int] = None) -> Section:

@@ -131,6 +131,14 @@ class SaveFile:
     @property
     def stream_found_by_scan(self) -> bool: ...
     def ram_map(self) -> RamMap: ...
+    def ram_layout(
+        self,
+        ram: RamMap,
+        *,
+        below_4g: Optional[int] = None,
+        above_4g_start: Optional[int] = None,
+        ram_block: Optional[str] = None,
+    ) -> tuple[list[tuple[int, int, int, int]], list[tuple[str, str]]]: ...
 
 @final
 class IndexResult:

@@ -81,7 +81,7 @@ def run(a: argparse.Namespace, progress: bool) -> int:
                 sys.stdout.flush()
             return 0
         if a.elf is not None:
-            size = ram._physmap().write_elf(a.elf, progress=progress)
+            size = ram.write_elf(a.elf, progress=progress)
             print(f"{a.file}: wrote {a.elf}, {len(ram.ranges)} ranges, {size} bytes", file=sys.stderr)
             return 0
         if a.extract is not None:
@@ -110,6 +110,7 @@ def run(a: argparse.Namespace, progress: bool) -> int:
                     for b in ram.values()
                 ],
                 "ranges": [r._asdict() for r in ranges],
+                "unmapped": [{"block": b, "reason": r} for b, r in (ram.unmapped if not why else [])],
                 "layout_error": why,
             }
             print(json.dumps(doc))
@@ -120,5 +121,8 @@ def run(a: argparse.Namespace, progress: bool) -> int:
             where = ", ".join(f"0x{r.gpa:x}-0x{r.gpa + r.size - 1:x}" for r in ranges if r.block == b.name) or "-"
             print(f"  {b.name:<32} {_size(b.size):>10} {b.page_size:>5} {b.pages_present:>9} {b.pages_zero:>9}  {where}")
         if why:
-            print(f"  (no guest-physical layout: {why})")
+            print(f"  ({why})")
+        else:
+            for block, reason in ram.unmapped:
+                print(f"  {block}: not in the guest-physical view: {reason}")
     return 0

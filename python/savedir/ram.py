@@ -8,13 +8,14 @@ guest's physical address space, and ``f.ram.read_phys`` reads there.
 >>> with savedir.open("vm.sav") as f:
 ...     ram = f.ram["pc.ram"]
 ...     (ram.size, ram.page_size, len(ram.page(0)))
-(67108864, 4096, 4096)
+(16777216, 4096, 4096)
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterator, Mapping, Sequence
-from typing import TYPE_CHECKING, Any, NamedTuple, Optional
+import os
+from typing import TYPE_CHECKING, Any, NamedTuple, Optional, Union
 
 from . import _core
 
@@ -38,10 +39,23 @@ class RamRange(NamedTuple):
 class RamBlock:
     """One RAMBlock of a save (``pc.ram``, ``vga.vram``, ``pc.bios`` ...).
 
-    Pages are ``page_size`` bytes (the target page size, 4096 on x86).
-    ``pages_present`` counts the pages whose content the file holds as data;
-    ``pages_zero`` those the save records as zero; the rest were never sent
-    and read as zeros, as a fresh destination holds them."""
+    Pages are ``page_size`` bytes (the target page size, 4096 on x86;
+    ``host_page_size`` says when the stream reports the block as backed by
+    larger host pages). ``pages_present`` counts the pages whose content the
+    file holds as data; ``pages_zero`` those the save records as zero; the
+    rest were never sent and read as zeros, as a fresh destination holds them.
+
+    >>> import savedir
+    >>> with savedir.open("vm.sav") as f:
+    ...     bios = f.ram["pc.bios"]
+    ...     pages = bios.present()
+    ...     arr = bios.gather(pages)
+    ...     (arr.shape == (bios.pages_present, 4096), bytes(arr[0]) == bytes(bios.page(int(pages[0]))))
+    (True, True)
+    >>> with savedir.open("vm.sav") as f:
+    ...     f.ram["pc.bios"].read(0x3fff0, 5)    # the reset vector: jmp far f000:e05b
+    b'\xea[\xe0\x00\xf0'
+    """
 
     __slots__ = ("_map", "_index", "name", "size", "page_size", "host_page_size", "pages_present", "pages_zero")
 
@@ -96,14 +110,35 @@ class Ram(Mapping[str, RamBlock]):
 
     ``source`` says how the page map was found: ``"stored"`` (the directory
     carries one), ``"mapped-ram"`` (the stream's own bitmaps) or
-    ``"scanned"`` (the RAM records were walked)."""
+    ``"scanned"`` (the RAM records were walked).
 
-    def __init__(self, ram_map: _core.RamMap, machine_type: Optional[str], below_4g: Optional[int] = None) -> None:
+    >>> import savedir
+    >>> with savedir.open("vm.sav") as f:
+    ...     ram = f.ram
+    ...     (ram.source, ram.ranges[0], ram.read_phys(0xffff0, 5) == ram["pc.bios"].read(0x3fff0, 5))
+    ('scanned', RamRange(gpa=0, size=786432, block='pc.ram', offset=0), True)
+    >>> _ = savedir.index("vm.sav")
+    >>> with savedir.open("vm.sav") as f:
+    ...     f.ram.source
+    'stored'
+    """
+
+    def __init__(
+        self,
+        file: _core.SaveFile,
+        ram_map: _core.RamMap,
+        *,
+        below_4g: Optional[int] = None,
+        above_4g_start: Optional[int] = None,
+        ram_block: Optional[str] = None,
+    ) -> None:
+        self._file = file
         self._map = ram_map
         self._blocks = {row[0]: RamBlock(ram_map, i, row) for i, row in enumerate(ram_map.blocks())}
-        self.machine_type = machine_type
-        self._below_4g = below_4g
+        self._names = list(self._blocks)
+        self._layout = {"below_4g": below_4g, "above_4g_start": above_4g_start, "ram_block": ram_block}
         self._ranges: Optional[list[RamRange]] = None
+        self._unmapped: list[tuple[str, str]] = []
         self._phys: Optional[_core.PhysMap] = None
 
     @property
@@ -122,26 +157,47 @@ class Ram(Mapping[str, RamBlock]):
     def __len__(self) -> int:
         return len(self._blocks)
 
-    def with_layout(self, below_4g: Optional[int] = None) -> "Ram":
-        """The same memory with another guest-physical layout: ``below_4g``
-        bytes of ``pc.ram`` below 4 GiB (as QEMU's ``max-ram-below-4g`` gives)."""
-        return Ram(self._map, self.machine_type, below_4g)
+    def with_layout(
+        self, *, below_4g: Optional[int] = None, above_4g_start: Optional[int] = None, ram_block: Optional[str] = None
+    ) -> "Ram":
+        """The same memory with another guest-physical layout, for guests
+        started with options the save does not record: ``below_4g`` bytes of
+        the main RAM below 4 GiB (``-machine max-ram-below-4g``), the RAM
+        above 4 GiB starting at ``above_4g_start``, or the main RAM in block
+        ``ram_block`` (``-machine memory-backend=ID``)."""
+        return Ram(self._file, self._map, below_4g=below_4g, above_4g_start=above_4g_start, ram_block=ram_block)
+
+    def _load_layout(self) -> list[RamRange]:
+        if self._ranges is None:
+            rows, self._unmapped = self._file.ram_layout(self._map, **self._layout)
+            self._ranges = [RamRange(gpa, size, self._names[b], off) for gpa, size, b, off in rows]
+        return self._ranges
 
     @property
     def ranges(self) -> list[RamRange]:
-        """Where the blocks lie in guest-physical memory, sorted by address
-        (see ``docs/api.md`` for the rule per machine type)."""
-        if self._ranges is None:
-            blocks = [(b.name, b.size) for b in self._blocks.values()]
-            rows = _core._x86_layout(self.machine_type or "", blocks, self._below_4g)
-            self._ranges = [RamRange(*r) for r in rows]
-        return self._ranges
+        """Where the blocks lie in guest-physical memory, sorted by address,
+        as QEMU's ``dump-guest-memory`` lays them out (see ``docs/api.md`` for
+        the rule per machine type). Raises :class:`RamError` for a machine
+        type whose layout savedir does not know."""
+        return self._load_layout()
+
+    @property
+    def unmapped(self) -> list[tuple[str, str]]:
+        """``(block, reason)`` for blocks (or parts) that lie nowhere in the view."""
+        self._load_layout()
+        return self._unmapped
 
     def _physmap(self) -> _core.PhysMap:
         if self._phys is None:
-            index = {name: i for i, name in enumerate(self._blocks)}
+            index = {name: i for i, name in enumerate(self._names)}
             self._phys = _core.PhysMap(self._map, [(r.gpa, r.size, index[r.block], r.offset) for r in self.ranges])
         return self._phys
+
+    def write_elf(self, path: Union[str, "os.PathLike[str]"], *, progress: bool = False) -> int:
+        """Writes an ELF64 core of guest-physical memory to ``path`` (one
+        ``PT_LOAD`` per range, as ``dump-guest-memory`` with paging off);
+        returns its size."""
+        return self._physmap().write_elf(path, progress=progress)
 
     def read_phys(self, gpa: int, n: int) -> bytes:
         """``n`` bytes at guest-physical address ``gpa``. An address no RAM
@@ -151,6 +207,10 @@ class Ram(Mapping[str, RamBlock]):
     def read_phys_many(self, gpas: Sequence[int], n: int) -> "npt.NDArray[np.uint8]":
         """``n`` bytes at each address, as one ``(len(gpas), n)`` uint8 array."""
         return self._physmap().read_many([int(g) for g in gpas], n)
+
+    @property
+    def machine_type(self) -> Optional[str]:
+        return self._file.machine_type
 
     def __repr__(self) -> str:
         return f"<Ram {len(self)} blocks ({self.source}): {', '.join(self._blocks)}>"

@@ -7,6 +7,7 @@ use std::sync::Arc;
 
 use rayon::prelude::*;
 
+use crate::format::layout;
 use crate::format::pagemap::{self, Base, BlockMap, Loc, PageMap, RunKind};
 use crate::format::ram::RamState;
 use crate::format::source::{Limit, ReadAt};
@@ -160,6 +161,41 @@ impl SaveFile {
         }
         let map = PageMap::from_mapped(&blocks, ps);
         Ok(GuestRam::new(map, MapSource::MappedRam, Some(regions), &self.path))
+    }
+}
+
+impl SaveFile {
+    /// What the save's device sections say about the guest-physical layout
+    /// (the PCI configuration spaces, found through the vmdesc).
+    pub fn device_facts(&self) -> Result<layout::DeviceFacts> {
+        let Some(json) = self.vmdesc_json()? else {
+            return Ok(layout::DeviceFacts::default());
+        };
+        let desc: serde_json::Value = serde_json::from_slice(&json).unwrap_or_default();
+        let pci = layout::pci_functions(&desc, |name, instance| {
+            let entries = self.find(name, Some(instance)).ok()?;
+            let e = entries.into_iter().find(|e| e.kind == crate::format::Kind::Full)?;
+            self.read(e.payload_start(), e.payload_end()).ok().map(|b| b.into_owned())
+        });
+        Ok(layout::DeviceFacts { pci })
+    }
+
+    /// Where `ram`'s blocks lie in guest-physical memory, for this save's
+    /// machine type (see `format::layout`), and the blocks that lie nowhere.
+    pub fn phys_layout(&self, ram: &GuestRam, opts: &layout::LayoutOptions) -> Result<(Vec<PhysRange>, Vec<layout::Unmapped>)> {
+        let machine = self.machine_type.clone().unwrap_or_default();
+        let blocks: Vec<(&str, u64)> = ram.map.blocks.iter().map(|b| (b.id.as_str(), b.used_length)).collect();
+        let facts = self.device_facts()?;
+        let l = layout::x86_layout(&machine, &blocks, &facts, opts).map_err(|e| Error::Ram {
+            path: self.path.clone(),
+            message: format!("no guest-physical layout: {e}"),
+        })?;
+        let mut out = Vec::with_capacity(l.ranges.len());
+        for r in l.ranges {
+            let block = ram.block_index(&r.block)?;
+            out.push(PhysRange { gpa: r.gpa, size: r.size, block, offset: r.offset });
+        }
+        Ok((out, l.unmapped))
     }
 }
 

@@ -8,23 +8,12 @@ use pyo3::prelude::*;
 
 use super::errors::to_pyerr;
 use crate::format::layout::{self, DeviceFacts, LayoutOptions};
-use crate::format::Kind;
 use crate::ops;
 
 /// The PCI configuration spaces of the save at `path` (from its vmdesc and
 /// device sections).
 fn device_facts(path: &PathBuf) -> ops::Result<DeviceFacts> {
-    let f = ops::open(path, &ops::OpenOptions::default())?;
-    let Some(json) = f.vmdesc_json()? else {
-        return Ok(DeviceFacts::default());
-    };
-    let desc: serde_json::Value = serde_json::from_slice(&json).unwrap_or_default();
-    let pci = layout::pci_functions(&desc, |name, instance| {
-        let entries = f.find(name, Some(instance)).ok()?;
-        let e = entries.into_iter().find(|e| e.kind == Kind::Full)?;
-        f.read(e.payload_start(), e.payload_end()).ok().map(|b| b.into_owned())
-    });
-    Ok(DeviceFacts { pci })
+    ops::open(path, &ops::OpenOptions::default())?.device_facts()
 }
 
 /// `_x86_layout(machine_type, blocks, below_4g=None, *, above_4g_start=None,

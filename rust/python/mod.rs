@@ -472,6 +472,21 @@ impl SaveFile {
         ram::ram_map(py, self)
     }
 
+    /// Where `ram`'s blocks lie in guest-physical memory: `(ranges,
+    /// unmapped)`, see `savedir.ram.Ram.ranges`.
+    #[pyo3(signature = (ram, *, below_4g=None, above_4g_start=None, ram_block=None))]
+    #[allow(clippy::type_complexity)]
+    fn ram_layout(
+        &self,
+        py: Python<'_>,
+        ram: &ram::RamMap,
+        below_4g: Option<u64>,
+        above_4g_start: Option<u64>,
+        ram_block: Option<String>,
+    ) -> PyResult<(Vec<(u64, u64, usize, u64)>, Vec<(String, String)>)> {
+        ram::ram_layout(py, self, ram, below_4g, above_4g_start, ram_block)
+    }
+
     /// True when the stream was found by scanning for its magic.
     #[getter]
     fn stream_found_by_scan(&self) -> PyResult<bool> {

@@ -302,6 +302,27 @@ fn sequentially<T>(ram: &GuestRam, owner: &Owner, f: impl FnOnce() -> T) -> T {
     r
 }
 
+/// `(ranges, unmapped)`: where `ram`'s blocks lie in guest-physical memory
+/// for the file's machine type, `(gpa, size, block index, offset)` sorted by
+/// address, and `(block, reason)` for the blocks that lie nowhere.
+#[allow(clippy::type_complexity)]
+pub fn ram_layout(
+    py: Python<'_>,
+    f: &SaveFile,
+    ram: &RamMap,
+    below_4g: Option<u64>,
+    above_4g_start: Option<u64>,
+    ram_block: Option<String>,
+) -> PyResult<(Vec<(u64, u64, usize, u64)>, Vec<(String, String)>)> {
+    let file = f.get()?;
+    let opts = crate::format::layout::LayoutOptions { below_4g, above_4g_start, ram_block };
+    let (ranges, unmapped) = py.detach(|| file.phys_layout(&ram.ram, &opts)).map_err(|e| to_pyerr(py, e))?;
+    Ok((
+        ranges.into_iter().map(|r| (r.gpa, r.size, r.block, r.offset)).collect(),
+        unmapped.into_iter().map(|u| (u.block, u.reason)).collect(),
+    ))
+}
+
 /// Builds the guest memory of an open file (with the GIL released).
 pub fn ram_map(py: Python<'_>, f: &SaveFile) -> PyResult<RamMap> {
     let file = f.get()?;
