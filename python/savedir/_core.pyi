@@ -24,6 +24,7 @@ __all__ = [
     "RecordResult",
     "RamMap",
     "PhysMap",
+    "_x86_layout",
     "record_stdin",
     "index",
     "verify",
@@ -274,3 +275,13 @@ class PhysMap:
     def write_elf(self, path: _Path, *, notes: Optional[bytes] = None, progress: bool = False) -> int: ...
     def read(self, gpa: int, n: int) -> bytes: ...
     def read_many(self, gpas: list[int], n: int) -> npt.NDArray[np.uint8]: ...
+
+def _x86_layout(
+    machine_type: str,
+    blocks: list[tuple[str, int]],
+    below_4g: Optional[int] = None,
+    *,
+    above_4g_start: Optional[int] = None,
+    ram_block: Optional[str] = None,
+    save: Optional[_Path] = None,
+) -> tuple[list[tuple[int, int, str, int]], list[tuple[str, str]]]: ...

@@ -54,7 +54,7 @@ class RamBlock:
     (True, True)
     >>> with savedir.open("vm.sav") as f:
     ...     f.ram["pc.bios"].read(0x3fff0, 5)    # the reset vector: jmp far f000:e05b
-    b'\xea[\xe0\x00\xf0'
+    b'\\xea[\\xe0\\x00\\xf0'
     """
 
     __slots__ = ("_map", "_index", "name", "size", "page_size", "host_page_size", "pages_present", "pages_zero")
@@ -136,7 +136,7 @@ class Ram(Mapping[str, RamBlock]):
         self._map = ram_map
         self._blocks = {row[0]: RamBlock(ram_map, i, row) for i, row in enumerate(ram_map.blocks())}
         self._names = list(self._blocks)
-        self._layout = {"below_4g": below_4g, "above_4g_start": above_4g_start, "ram_block": ram_block}
+        self._below_4g, self._above_4g_start, self._ram_block = below_4g, above_4g_start, ram_block
         self._ranges: Optional[list[RamRange]] = None
         self._unmapped: list[tuple[str, str]] = []
         self._phys: Optional[_core.PhysMap] = None
@@ -169,7 +169,9 @@ class Ram(Mapping[str, RamBlock]):
 
     def _load_layout(self) -> list[RamRange]:
         if self._ranges is None:
-            rows, self._unmapped = self._file.ram_layout(self._map, **self._layout)
+            rows, self._unmapped = self._file.ram_layout(
+                self._map, below_4g=self._below_4g, above_4g_start=self._above_4g_start, ram_block=self._ram_block
+            )
             self._ranges = [RamRange(gpa, size, self._names[b], off) for gpa, size, b, off in rows]
         return self._ranges
 
