@@ -28,7 +28,7 @@ STREAM = "pc-full-exec-paused"
 QUICK = 30.0
 
 VERIFY_KEYS = {"path", "ok", "check", "offset", "message"}
-INDEX_KEYS = {"path", "written", "entries", "directory_offset", "directory_size", "replaced", "sidecar"}
+INDEX_KEYS = {"path", "written", "entries", "directory_offset", "directory_size", "replaced", "sidecar", "ram_map_size"}
 LS_KEYS = {"path", "stream_start", "stream_end", "eof", "indexed", "machine_type", "sidecar", "container", "entries"}
 LS_ENTRY_REQUIRED = {"kind", "offset", "size"}
 LS_ENTRY_OPTIONAL = {"section_id", "name", "instance_id", "version_id", "command", "command_name", "crc32c"}
@@ -72,11 +72,13 @@ def test_index_verify_strip_end_to_end(stream: RealStream, plain: Path) -> None:
     r = run("index", str(plain), text=True)
     assert r.returncode == 0, r.stderr
     m = re.fullmatch(
-        rf"{re.escape(str(plain))}: indexed, (\d+) entries, directory of (\d+) bytes at offset (\d+)\n", r.stdout
+        rf"{re.escape(str(plain))}: indexed, (\d+) entries, RAM page map of (\d+) bytes, directory of (\d+) bytes "
+        rf"at offset (\d+)\n",
+        r.stdout,
     )
     assert m, r.stdout
-    entries, size, offset = map(int, m.groups())
-    assert offset == len(pristine) and plain.stat().st_size == len(pristine) + size
+    entries, map_size, size, offset = map(int, m.groups())
+    assert offset == len(pristine) + map_size and plain.stat().st_size == offset + size
     with savedir.open(plain) as f:
         assert len(f.entries) == entries
 
@@ -220,7 +222,7 @@ def test_index_json_and_quiet(plain: Path, capsys: pytest.CaptureFixture[str]) -
     assert (rc, out, err) == (0, "", "")
     rc, out, err = main(capsys, "index", "--force", "--no-checksums", "--json", str(plain))
     d2 = json.loads(out)
-    assert rc == 0 and d2["written"] is True and d2["replaced"] == d["directory_size"]
+    assert rc == 0 and d2["written"] is True and d2["replaced"] == d["ram_map_size"] + d["directory_size"]
     assert d2["directory_size"] == d["directory_size"] - 6 * d["entries"]
     assert main(capsys, "verify", "--deep", str(plain))[0] == 0
 

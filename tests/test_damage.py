@@ -37,7 +37,7 @@ class Base:
     indexed: bytes
     entries: list[savedir.Entry]
     eof: int
-    d: int  # directory offset == len(pristine)
+    d: int  # the stream's end == len(pristine): where the RAM page map, then the directory, start
 
 
 @pytest.fixture(scope="module")
@@ -50,7 +50,7 @@ def base(qemu_stream_by_name: dict[str, RealStream], tmp_path_factory: pytest.Te
     with savedir.open(path) as f:
         entries = f.entries
         eof = f.eof
-    return Base(stream=s, pristine=s.read_bytes(), indexed=path.read_bytes(), entries=entries, eof=eof, d=r.directory_offset)
+    return Base(stream=s, pristine=s.read_bytes(), indexed=path.read_bytes(), entries=entries, eof=eof, d=r.directory_offset - r.ram_map_size)
 
 
 def write(path: Path, data: bytes) -> Path:
@@ -353,12 +353,12 @@ def test_stream_ending_at_its_eof_byte_is_complete(base: Base, tmp_path: Path) -
     data = base.pristine[: base.eof + 1]
     p = write(tmp_path / "t.mig", data)
     r = savedir.index(p)
-    assert r.written and r.directory_offset == base.eof + 1 and r.entries == len(base.entries) - 1
+    assert r.written and r.directory_offset - r.ram_map_size == base.eof + 1 and r.entries == len(base.entries) - 1
     assert savedir.verify(p, deep=True).ok
     with savedir.open(p) as f:
         assert f.vmdesc is None and f.vmdesc_json is None
         assert [(e.kind, e.offset, e.end) for e in f.entries] == [(e.kind, e.offset, e.end) for e in base.entries[:-1]]
-    assert savedir.strip(p).removed == r.directory_size and p.read_bytes() == data
+    assert savedir.strip(p).removed == r.ram_map_size + r.directory_size and p.read_bytes() == data
 
 
 # ---------------------------------------------------------------------------
@@ -388,7 +388,7 @@ def test_trailing_garbage(base: Base, tmp_path: Path, kind: str) -> None:
     with savedir.open(p) as f:  # the stream itself reads fine
         assert f.indexed is False and f.stream_end == len(base.pristine)
     r = savedir.index(p, force=True)
-    assert r.written and r.replaced == len(g) and r.directory_offset == len(base.pristine)
+    assert r.written and r.replaced == len(g) and r.directory_offset - r.ram_map_size == len(base.pristine)
     assert p.read_bytes() == base.indexed
     assert savedir.verify(p, deep=True).ok
 

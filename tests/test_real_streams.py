@@ -182,11 +182,14 @@ def test_index_appends_directory_after_the_stream(case: Case) -> None:
     assert r.written is True
     assert r.path == str(case.path)
     assert r.replaced == 0
-    assert r.directory_offset == len(pristine)
-    assert len(data) == len(pristine) + r.directory_size
+    # After the stream: the RAM page map, then the directory.
+    assert r.directory_offset == len(pristine) + r.ram_map_size
+    assert len(data) == len(pristine) + r.ram_map_size + r.directory_size
     # The stream's bytes are never changed.
-    assert data[: r.directory_offset] == pristine
+    assert data[: len(pristine)] == pristine
     assert data[r.directory_offset] == 0x7D
+    if r.ram_map_size:
+        assert data[len(pristine) : len(pristine) + 8] == b"SAVEDIRM"
     with savedir.open(case.path) as f:
         assert f.indexed is True
         assert f.directory_offset == r.directory_offset
@@ -476,7 +479,7 @@ def test_strip_gives_back_the_pristine_stream(case: Case, qemu_load: Any, tmp_pa
     assert r.written and path.read_bytes() == case.indexed
     s = savedir.strip(path)
     assert s.path == str(path)
-    assert s.removed == r.directory_size and s.stream_end == len(case.pristine)
+    assert s.removed == r.ram_map_size + r.directory_size and s.stream_end == len(case.pristine)
     assert sha256(path.read_bytes()) == sha256(case.pristine)
     again = savedir.strip(path)
     assert again.removed == 0 and again.stream_end == len(case.pristine)
@@ -492,7 +495,8 @@ def test_index_without_checksums(case: Case, tmp_path: Path) -> None:
     # each checksum is 6 bytes: 7c u8 be32
     assert r.directory_size == case.result.directory_size - 6 * r.entries
     data = path.read_bytes()
-    assert data[: len(case.pristine)] == case.pristine and len(data) == len(case.pristine) + r.directory_size
+    assert data[: len(case.pristine)] == case.pristine
+    assert len(data) == len(case.pristine) + r.ram_map_size + r.directory_size
     assert all(e.crc is None for e in decode_directory(data)[2])
     v = savedir.verify(path, deep=True)
     assert v.ok and v.deep, v
@@ -503,6 +507,6 @@ def test_index_without_checksums(case: Case, tmp_path: Path) -> None:
     assert path.read_bytes() == data
     # force rewrites the directory, now with checksums
     r2 = savedir.index(path, force=True)
-    assert r2.written and r2.replaced == r.directory_size
+    assert r2.written and r2.replaced == r.ram_map_size + r.directory_size
     assert path.read_bytes() == case.indexed
     assert savedir.verify(path, deep=True).ok

@@ -144,15 +144,15 @@ def check_stream(m: sk.Made, tmp: Path, *, sidecar: bool = False, load_kw: dict[
     r = savedir.index(p, offset=off, sidecar=sidecar)
     assert r.written is True, r
     assert r.replaced == 0, r
-    assert r.directory_offset == size0, r
+    assert r.directory_offset == size0 + r.ram_map_size, r
     side = Path(str(p) + ".savedir")
     if sidecar:
         assert r.sidecar == str(side), r
         assert p.stat().st_size == size0 and sha256_file(p) == sha0, "sidecar indexing changed the file"
-        assert side.stat().st_size == r.directory_size
+        assert side.stat().st_size == r.ram_map_size + r.directory_size
     else:
         assert r.sidecar is None and not side.exists()
-        assert p.stat().st_size == size0 + r.directory_size
+        assert p.stat().st_size == size0 + r.ram_map_size + r.directory_size
         with open(p, "rb") as fh:
             h0 = hashlib.sha256()
             left = size0
@@ -175,7 +175,7 @@ def check_stream(m: sk.Made, tmp: Path, *, sidecar: bool = False, load_kw: dict[
         data = p.read_bytes()[:size0]
         with savedir.open(p, offset=off) as f:
             assert f.indexed is True
-            assert f.directory_offset == size0
+            assert f.directory_offset == size0 + r.ram_map_size and f.stream_end == size0
             if sidecar:
                 assert f.sidecar == str(side), f.sidecar
             else:
@@ -273,7 +273,7 @@ def check_stream(m: sk.Made, tmp: Path, *, sidecar: bool = False, load_kw: dict[
     if sidecar:
         assert s.sidecar == str(side) and not side.exists(), s
     else:
-        assert s.removed == r.directory_size, s
+        assert s.removed == r.ram_map_size + r.directory_size, s
     assert p.stat().st_size == size0 and sha256_file(p) == sha0, "strip did not restore QEMU's bytes"
     assert not problems, f"{m.kind}: " + "\n".join(problems)
     return facts

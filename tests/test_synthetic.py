@@ -242,7 +242,7 @@ def test_variants_index_and_verify(tmp_path, footers, name_every_part):
                                   footers=footers, name_every_part=name_every_part)
     _check_walk(info, path.read_bytes())
     res = savedir.index(path)
-    assert res.written and res.directory_offset == info["file_size"]
+    assert res.written and res.directory_offset == info["file_size"] + res.ram_map_size
     v = savedir.verify(path, deep=True)
     assert v.ok, v.message
     with savedir.open(path) as f:

@@ -75,10 +75,15 @@ def cmd_index(a: argparse.Namespace) -> int:
             print(json.dumps(r.to_dict()))
         elif not a.quiet:
             if r.written and r.sidecar:
-                print(f"{p}: indexed, {r.entries} entries, directory of {r.directory_size} bytes in {r.sidecar}")
+                ram = f"RAM page map of {r.ram_map_size} bytes and " if r.ram_map_size else ""
+                print(f"{p}: indexed, {r.entries} entries, {ram}directory of {r.directory_size} bytes in {r.sidecar}")
             elif r.written:
                 extra = f", replaced {r.replaced} bytes after the stream" if r.replaced else ""
-                print(f"{p}: indexed, {r.entries} entries, directory of {r.directory_size} bytes at offset {r.directory_offset}{extra}")
+                ram = f"RAM page map of {r.ram_map_size} bytes, " if r.ram_map_size else ""
+                print(
+                    f"{p}: indexed, {r.entries} entries, {ram}directory of {r.directory_size} bytes "
+                    f"at offset {r.directory_offset}{extra}"
+                )
             else:
                 print(f"{p}: already indexed ({r.entries} entries)")
         return EXIT_OK
