@@ -93,8 +93,9 @@ class DirEntry:
     crc: int | None = None
 
 
-def decode_directory(data: bytes) -> tuple[int, int, list[DirEntry]]:
-    """Returns (eof_ptr, D, entries) of an indexed file, by the spec alone."""
+def decode_directory(data: bytes, ram_map: list[int] | None = None) -> tuple[int, int, list[DirEntry]]:
+    """Returns (eof_ptr, D, entries) of an indexed file, by the spec alone;
+    the RAM page map's pointer, if any, is appended to ``ram_map``."""
     assert len(data) >= TRAILER_LEN + 1
     t = data[-TRAILER_LEN:]
     assert t[0] == 0x00 and t[9] == 0x7D, t.hex()
@@ -108,6 +109,15 @@ def decode_directory(data: bytes) -> tuple[int, int, list[DirEntry]]:
     while pos < end:
         t0 = data[pos]
         pos += 1
+        if t0 == 0x7B:
+            # The RAM page map entry: the last before the EOF entry.
+            (ptr,) = struct.unpack(">Q", data[pos:pos + 8])
+            pos += 8
+            assert pos == end, "the RAM page map entry is not the last"
+            assert data[ptr:ptr + 8] == b"SAVEDIRM" and ptr < d, ptr
+            if ram_map is not None:
+                ram_map.append(ptr)
+            continue
         if t0 == 0x7C:
             alg, value = struct.unpack(">BI", data[pos:pos + 5])
             pos += 5

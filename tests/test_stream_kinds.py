@@ -748,7 +748,10 @@ def test_sidecar(tmp_path: Path) -> None:
     assert side == Path(str(p) + ".savedir")
     assert sha256_file(p) == sha0
     sc = side.read_bytes()
-    assert sc[0] == 0x7D and sc[-9] == 0x7D and struct.unpack(">Q", sc[-8:])[0] == size0
+    # the RAM page map, then the directory, as if appended at offset size0
+    n = r.ram_map_size
+    assert (sc[:8] == b"SAVEDIRM") == (n > 0) and sc[n] == 0x7D and sc[-9] == 0x7D
+    assert struct.unpack(">Q", sc[-8:])[0] == size0 + n
     # CLI through the sidecar
     rc, out, err = cli("ls", str(p))
     assert rc == 0 and "sidecar" in out.decode().splitlines()[0], out

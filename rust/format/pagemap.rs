@@ -72,30 +72,70 @@ const W_ZERO: u64 = 1;
 const W_DATA: u64 = 2; // file offset << 2
 const W_CHAIN: u64 = 3; // chain index << 2
 
-/// One block's pages while the stream is read.
+/// Pages of a block a chunk of the builder covers.
+const CHUNK: u64 = 512;
+/// Chunks any builder may hold before it counts its records: 16 MiB.
+const FREE_CHUNKS: usize = 4096;
+
+/// One block's pages while the stream is read, in chunks allocated as
+/// records reach them: a block's claimed size costs nothing until pages of
+/// it are sent.
 #[derive(Clone, Debug)]
 struct BlockBuild {
-    pages: Vec<u64>,
+    pages: u64,
+    chunks: std::collections::BTreeMap<u64, Box<[u64]>>,
 }
 
 /// The page map being built as RAM records pass by.
+///
+/// Memory is bounded by the records read: a chunk of 512 page words (4 KiB)
+/// is allocated only for a record in it, and beyond the first 16 MiB a
+/// builder holds at most one chunk per 64 records. Records scattered more
+/// thinly than that (no stream QEMU writes; a hostile one) make it give up:
+/// [`Builder::finish`] then says so instead of allocating what the file
+/// does not hold.
 #[derive(Clone, Debug, Default)]
 pub struct Builder {
     blocks: Vec<BlockBuild>,
     chains: Vec<Chain>,
+    records: u64,
+    chunks: usize,
+    gave_up: bool,
 }
 
 impl Builder {
     /// A builder for blocks of these lengths, in `page_size` pages.
     pub fn new(lengths: &[u64], page_size: u64) -> Self {
-        let blocks = lengths.iter().map(|&l| BlockBuild { pages: vec![W_ABSENT; l.div_ceil(page_size) as usize] }).collect();
-        Builder { blocks, chains: Vec::new() }
+        let blocks = lengths
+            .iter()
+            .map(|&l| BlockBuild { pages: l.div_ceil(page_size), chunks: Default::default() })
+            .collect();
+        Builder { blocks, ..Default::default() }
     }
 
     fn slot(&mut self, block: usize, page: u64) -> Option<&mut u64> {
-        self.blocks.get_mut(block)?.pages.get_mut(page as usize)
+        if self.gave_up {
+            return None;
+        }
+        self.records += 1;
+        let pages = self.blocks.get(block)?.pages;
+        if page >= pages {
+            return None;
+        }
+        let key = page / CHUNK;
+        if !self.blocks[block].chunks.contains_key(&key) {
+            if self.chunks >= FREE_CHUNKS && self.chunks as u64 > self.records / 64 {
+                self.gave_up = true;
+                self.blocks.iter_mut().for_each(|b| b.chunks.clear());
+                self.chains = Vec::new();
+                return None;
+            }
+            self.chunks += 1;
+        }
+        let b = &mut self.blocks[block];
+        let chunk = b.chunks.entry(key).or_insert_with(|| vec![W_ABSENT; CHUNK as usize].into_boxed_slice());
+        Some(&mut chunk[(page % CHUNK) as usize])
     }
-
     /// A page record: the page's bytes lie at `offset`.
     pub fn data(&mut self, block: usize, page: u64, offset: u64) {
         if let Some(s) = self.slot(block, page) {
@@ -139,23 +179,40 @@ impl Builder {
         }
     }
 
-    /// Postcopy's discard of `count` pages from `first`: their content is gone.
+    /// Postcopy's discard of `count` pages from `first`: their content is
+    /// gone (only pages sent before can have any).
     pub fn discard(&mut self, block: usize, first: u64, count: u64) {
-        if let Some(b) = self.blocks.get_mut(block) {
-            let from = (first as usize).min(b.pages.len());
-            let to = (first.saturating_add(count) as usize).min(b.pages.len());
-            b.pages[from..to].fill(W_ABSENT);
+        let Some(b) = self.blocks.get_mut(block) else { return };
+        let end = first.saturating_add(count).min(b.pages);
+        if first >= end {
+            return;
+        }
+        for (&key, chunk) in b.chunks.range_mut(first / CHUNK..=(end - 1) / CHUNK) {
+            let base = key * CHUNK;
+            let from = first.max(base) - base;
+            let to = end.min(base + CHUNK) - base;
+            chunk[from as usize..to as usize].fill(W_ABSENT);
         }
     }
 
-    /// The compact map, for blocks `(id, used_length, host page size)`.
-    pub fn finish(&self, blocks: &[(String, u64, Option<u64>)], page_size: u64) -> PageMap {
+    /// The compact map, for blocks `(id, used_length, host page size)`; an
+    /// error when the records were too scattered to follow.
+    pub fn finish(&self, blocks: &[(String, u64, Option<u64>)], page_size: u64) -> Result<PageMap> {
+        if self.gave_up {
+            return Err(FormatError::unsupported(
+                0,
+                format!(
+                    "the RAM records are scattered too thinly over the blocks to map ({} records)",
+                    self.records
+                ),
+            ));
+        }
         let mut out = Vec::with_capacity(self.blocks.len());
         for (b, (id, len, host)) in self.blocks.iter().zip(blocks) {
             let mut m = BlockMap::new(id.clone(), *len, *host);
             let mut runs = RunBuilder::default();
-            for (page, &w) in b.pages.iter().enumerate() {
-                let page = page as u64;
+            let words = b.chunks.iter().flat_map(|(&k, c)| c.iter().enumerate().map(move |(i, &w)| (k * CHUNK + i as u64, w)));
+            for (page, w) in words {
                 match w & 3 {
                     W_ZERO => runs.push(page, RunKind::Zero, 0, 0),
                     W_DATA => runs.push(page, RunKind::Data, w >> 2, page_size),
@@ -171,7 +228,7 @@ impl Builder {
             m.count();
             out.push(m);
         }
-        PageMap { page_size, blocks: out }
+        Ok(PageMap { page_size, blocks: out })
     }
 }
 
@@ -639,7 +696,7 @@ mod tests {
         b.xbzrle(1, 1, 60_000, 5);
         b.data(1, 3, 70_000);
         b.discard(1, 3, 1);
-        b.finish(&[("pc.ram".into(), 16 * 4096, None), ("x".into(), 4 * 4096, Some(8192))], 4096)
+        b.finish(&[("pc.ram".into(), 16 * 4096, None), ("x".into(), 4 * 4096, Some(8192))], 4096).unwrap()
     }
 
     #[test]
@@ -694,9 +751,26 @@ mod tests {
         for p in 0..pages {
             b.data(0, p, 100 + p * 4104);
         }
-        let m = b.finish(&[("pc.ram".into(), pages * 4096, None)], 4096);
+        let m = b.finish(&[("pc.ram".into(), pages * 4096, None)], 4096).unwrap();
         assert_eq!(m.blocks[0].runs.len(), 1);
         assert!(m.encode().len() < 100);
+    }
+
+    #[test]
+    fn claimed_sizes_cost_nothing_and_scattered_records_give_up() {
+        // A block of 2^50 bytes, one page sent: one chunk.
+        let mut b = Builder::new(&[1 << 50], 4096);
+        b.zero(0, 1 << 37);
+        b.discard(0, 0, u64::MAX);
+        let m = b.finish(&[("big".into(), 1 << 50, None)], 4096).unwrap();
+        assert_eq!(m.blocks[0].runs.len(), 0);
+        // One record per chunk, far apart: refused once past the free chunks.
+        let mut b = Builder::new(&[1 << 50], 4096);
+        for i in 0..(FREE_CHUNKS as u64 * 2) {
+            b.zero(0, i * CHUNK * 7);
+        }
+        assert!(b.finish(&[("big".into(), 1 << 50, None)], 4096).is_err());
+        assert!(b.blocks[0].chunks.len() <= FREE_CHUNKS);
     }
 
     #[test]

@@ -302,8 +302,9 @@ impl RamState {
         Ok(())
     }
 
-    /// The page map of the records read so far (None unless asked for).
-    pub fn page_map(&self) -> Option<PageMap> {
+    /// The page map of the records read so far (None unless asked for, or
+    /// for mapped-ram); an error when the records were too scattered to map.
+    pub fn page_map(&self) -> Option<Result<PageMap>> {
         let b = self.map.as_ref()?;
         let blocks: Vec<(String, u64, Option<u64>)> =
             self.blocks.iter().map(|b| (b.id.clone(), b.used_length, b.page_size)).collect();

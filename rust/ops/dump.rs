@@ -8,12 +8,11 @@ use std::fs::File;
 use std::os::unix::fs::FileExt;
 use std::path::Path;
 
-use crate::format::pagemap::Loc;
 use crate::format::source::ReadAt;
 
 use super::error::{Error, Result};
 use super::progress::Progress;
-use super::ram::{GuestRam, PhysRange};
+use super::ram::{GuestRam, PageWord, PhysRange};
 
 /// Bytes gathered before one write.
 const WRITE_BUF: usize = 4 << 20;
@@ -54,6 +53,7 @@ impl Sink<'_> {
         Ok(())
     }
 
+    #[allow(clippy::too_many_arguments)]
     fn block(
         &mut self,
         ram: &GuestRam,
@@ -65,35 +65,39 @@ impl Sink<'_> {
         meter: &Progress,
     ) -> Result<()> {
         let ps = ram.page_size();
-        let blk = &ram.map.blocks[b];
+        let data = src.as_slice();
         let mut done = 0u64;
+        let mut unreported = 0u64;
         while done < size {
             let off = offset + done;
             let page = off / ps;
             let within = off % ps;
             let n = (ps - within).min(size - done);
-            let zero = matches!(blk.lookup(page), Loc::Zero | Loc::Absent);
-            if zero {
-                // A hole: nothing to write.
-                self.seek(at + done + n)?;
-            } else {
-                self.seek(at + done)?;
-                let from = self.buf.len();
-                self.buf.resize(from + n as usize, 0);
-                if within == 0 && n == ps {
-                    ram.page_into(src, b, page, &mut self.buf[from..])?;
-                } else {
+            match ram.page_word(b, page) {
+                PageWord::Zero => self.seek(at + done + n)?, // a hole: nothing to write
+                PageWord::Stored(p) if data.is_some_and(|d| d.len() as u64 >= p + ps) => {
+                    self.seek(at + done)?;
+                    let all = data.expect("checked");
+                    self.buf.extend_from_slice(&all[(p + within) as usize..(p + within + n) as usize]);
+                }
+                _ => {
+                    self.seek(at + done)?;
                     let mut whole = vec![0u8; ps as usize];
                     ram.page_into(src, b, page, &mut whole)?;
-                    self.buf[from..].copy_from_slice(&whole[within as usize..(within + n) as usize]);
-                }
-                if self.buf.len() >= WRITE_BUF {
-                    self.flush()?;
+                    self.buf.extend_from_slice(&whole[within as usize..(within + n) as usize]);
                 }
             }
+            if self.buf.len() >= WRITE_BUF {
+                self.flush()?;
+            }
             done += n;
-            meter.add(n);
+            unreported += n;
+            if unreported >= 64 << 20 {
+                meter.add(unreported);
+                unreported = 0;
+            }
         }
+        meter.add(unreported);
         Ok(())
     }
 }

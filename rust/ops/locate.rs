@@ -118,17 +118,23 @@ pub fn locate(path: &Path, v: &View, offset: Option<u64>) -> Result<Located> {
 /// entry points at (if the map's magic is there) or the directory's first
 /// byte; else the file's end. Only a hint: the parse finds the real end.
 pub fn end_hint(src: &dyn ReadAt) -> u64 {
-    let v = View::appended(src);
-    let Ok(t) = directory::check_trailer(&v) else { return src.size() };
+    claimed_stream_end(&View::appended(src)).unwrap_or(src.size())
+}
+
+/// Where the tail of `v` says the stream ends: the RAM page map its last
+/// entry points at (when the map's magic is there), else the directory's
+/// marker. None without a trailer.
+pub fn claimed_stream_end(v: &View) -> Option<u64> {
+    let t = directory::check_trailer(v).ok()?;
     let entry = t.len - directory::TRAILER_LEN - 9;
     if entry > t.dir && v.byte(entry) == Some(crate::format::tag::RAMMAP) {
         if let Some(ptr) = v.be64(entry + 1).filter(|&p| p < t.dir) {
             if v.get(ptr, 8).as_deref() == Some(&crate::format::pagemap::MAGIC[..]) {
-                return ptr;
+                return Some(ptr);
             }
         }
     }
-    t.dir
+    Some(t.dir)
 }
 
 /// The sidecar directory's path for `path`: `FILE.savedir`.
@@ -199,11 +205,13 @@ pub fn cross_check(src: &DirSource, v: &View, d: &Directory, stream_start: u64) 
 
 /// Checks 1 and 2 (and that a sidecar belongs to this file).
 pub fn check_structure(src: &DirSource, v: &View, stream_start: u64) -> std::result::Result<Directory, CheckError> {
-    // A sidecar names, in its last 8 bytes, the size of the file it was
-    // written for: check that first.
+    // A sidecar's stream ends where its data file ends: the directory (or
+    // the RAM page map before it) stands for the bytes right after. Its
+    // tail names that offset: check it first.
     if let Some((_, m)) = &src.sidecar {
         let size = v.head.len();
-        let written_for = m.size().checked_sub(8).and_then(|at| v.be64(v.tail_at + at));
+        let last8 = m.size().checked_sub(8).and_then(|at| v.be64(v.tail_at + at));
+        let written_for = last8.and(claimed_stream_end(v)).or(last8);
         if written_for != Some(size) {
             return Err(in_sidecar(
                 src,

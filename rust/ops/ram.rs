@@ -58,15 +58,32 @@ pub struct GuestRam {
     pub path: std::path::PathBuf,
     /// Per block, built on first use by [`GuestRam::gather`]: one word per
     /// page, for lookups in O(1) (see [`dense_index`]).
-    dense: Vec<std::sync::OnceLock<Vec<u64>>>,
+    dense: Vec<std::sync::OnceLock<Option<Vec<u64>>>>,
     /// Where the `ram` section's items lie in the file.
     pub extent: Option<(u64, u64)>,
 }
 
+/// What a page is, from the per-page index.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum PageWord {
+    /// Zero, or never sent.
+    Zero,
+    /// Stored whole at this file offset.
+    Stored(u64),
+    /// To be decoded (XBZRLE, compressed).
+    Decode,
+}
+
 /// One word per page of `b`: 0 zero or never sent, `offset << 2 | 2`
 /// stored at a file offset, `chain << 2 | 3` to be decoded.
-fn dense_index(b: &BlockMap, page_size: u64) -> Vec<u64> {
-    let mut v = vec![0u64; b.used_length.div_ceil(page_size) as usize];
+/// None for blocks of more than [`DENSE_MAX`] pages (they are looked up in
+/// their runs instead).
+fn dense_index(b: &BlockMap, page_size: u64) -> Option<Vec<u64>> {
+    let pages = b.used_length.div_ceil(page_size);
+    if pages > DENSE_MAX {
+        return None;
+    }
+    let mut v = vec![0u64; pages as usize];
     for r in &b.runs {
         for i in 0..r.count {
             let w = match r.kind {
@@ -77,7 +94,18 @@ fn dense_index(b: &BlockMap, page_size: u64) -> Vec<u64> {
             v[(r.first + i) as usize] = w;
         }
     }
-    v
+    Some(v)
+}
+
+/// Most pages of a block that get a per-page index (64 MiB of it: 32 GiB of RAM).
+const DENSE_MAX: u64 = 1 << 23;
+
+fn word_of(loc: Loc<'_>) -> PageWord {
+    match loc {
+        Loc::Absent | Loc::Zero => PageWord::Zero,
+        Loc::Data(off) => PageWord::Stored(off),
+        Loc::Chain(_) => PageWord::Decode,
+    }
 }
 
 /// Bytes of a zero page, shared by every read of one.
@@ -138,7 +166,7 @@ impl SaveFile {
         if ram.options.mapped_ram {
             return self.mapped_ram(&ram);
         }
-        let map = ram.page_map().expect("a page map was asked for");
+        let map = ram.page_map().expect("a page map was asked for").map_err(|e| Error::format(&self.path, e))?;
         Ok(GuestRam::new(map, MapSource::Scanned, None, &self.path))
     }
 
@@ -209,6 +237,17 @@ impl GuestRam {
             path: path.to_path_buf(),
             dense: (0..n).map(|_| std::sync::OnceLock::new()).collect(),
             extent: None,
+        }
+    }
+
+    /// Page `page` of block `b` through the per-page index (built on first use).
+    pub fn page_word(&self, b: usize, page: u64) -> PageWord {
+        let dense = self.dense[b].get_or_init(|| dense_index(self.block(b), self.map.page_size));
+        let Some(dense) = dense else { return word_of(self.block(b).lookup(page)) };
+        match dense.get(page as usize).map_or(0, |w| *w) {
+            w if w & 3 == 2 => PageWord::Stored(w >> 2),
+            w if w & 3 == 3 => PageWord::Decode,
+            _ => PageWord::Zero,
         }
     }
 
@@ -356,15 +395,13 @@ impl GuestRam {
         if let Some(&bad) = pages.iter().find(|&&p| p >= n) {
             return Err(self.err(format!("block \"{}\" has {n} pages; there is no page {bad}", self.block(b).id)));
         }
-        let dense = self.dense[b].get_or_init(|| dense_index(self.block(b), self.map.page_size));
         let data = src.as_slice();
         // Stored pages are copied straight from a mapping; the rest decoded.
         let one = |(p, dst): (&u64, &mut [u8])| -> Result<()> {
-            let w = dense[*p as usize];
-            match (w & 3, data) {
-                (0, _) => dst.fill(0),
-                (2, Some(all)) => {
-                    let off = (w >> 2) as usize;
+            match (self.page_word(b, *p), data) {
+                (PageWord::Zero, _) => dst.fill(0),
+                (PageWord::Stored(off), Some(all)) => {
+                    let off = off as usize;
                     let s = all.get(off..off + ps).ok_or_else(|| {
                         self.err(format!("the page map points past the file's end (offset {off})"))
                     })?;

@@ -61,7 +61,10 @@ pub fn strip(path: &Path, opts: &StripOptions) -> Result<StripReport> {
                 })
                 .map_err(|e| Error::format(path, e)),
             )?;
-            if s.end < len && data[s.end as usize] != tag::DIRECTORY && !opts.force {
+            // A torn directory (or RAM page map and directory) of savedir's own.
+            let ours = data[s.end as usize..].starts_with(&[tag::DIRECTORY])
+                || data[s.end as usize..].starts_with(crate::format::pagemap::MAGIC);
+            if s.end < len && !ours && !opts.force {
                 return Err(Error::TrailingData {
                     path: path.to_path_buf(),
                     offset: s.end,

@@ -256,11 +256,12 @@ fn deep_check(
     };
     if let Some(stored) = stored_map {
         let derived = s.ram.as_ref().and_then(|r| r.page_map());
-        if derived.as_ref() != Some(stored) {
+        if derived.as_ref().and_then(|d| d.as_ref().ok()) != Some(stored) {
             let at = dir.ram_map.unwrap_or(dir.trailer.dir);
             let why = match &derived {
                 None => "the stream has no RAM records to map".to_string(),
-                Some(d) => describe_map_difference(stored, d),
+                Some(Err(e)) => e.message.clone(),
+                Some(Ok(d)) => describe_map_difference(stored, d),
             };
             return fail(at, format!("the RAM page map does not match the stream's RAM records: {why}"));
         }

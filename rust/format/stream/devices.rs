@@ -343,7 +343,9 @@ impl StreamParser {
             Some(tag::EOF) => match w.byte(at + 1)? {
                 None | Some(tag::DIRECTORY) => true,
                 Some(tag::VMDESC) => w.bytes(at + 2, 4)?.is_some(),
-                Some(_) => false,
+                // savedir's RAM page map, before its directory
+                Some(_) if at + 1 == self.end_hint => true,
+                Some(_) => w.bytes(at + 1, 8)?.is_some_and(|b| b == crate::format::pagemap::MAGIC),
             },
             Some(t @ (tag::START | tag::FULL)) => {
                 let Some(id) = w.be32(at + 1)? else {
