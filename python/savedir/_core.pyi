@@ -24,6 +24,8 @@ __all__ = [
     "index",
     "verify",
     "strip",
+    "StateReader",
+    "diff",
     "__version__",
 ]
 
@@ -229,3 +231,17 @@ def verify(
 def strip(
     path: _Path, *, force: bool = False, offset: Optional[int] = None, wait: bool = False, vmdesc: Optional[_Path] = None
 ) -> StripResult: ...
+
+@final
+class StateReader:
+    """The compiled vmdesc of one open save (see savedir/_state.py)."""
+
+    def __init__(self, file: SaveFile) -> None: ...
+    def fields(self, file: SaveFile, offset: int) -> dict[str, Any]: ...
+    def state(
+        self, file: SaveFile, sections: Optional[list[tuple[str, Optional[int]]]] = None
+    ) -> list[dict[str, Any]]: ...
+    def cpus(self, file: SaveFile) -> list[dict[str, Any]]: ...
+    def elf_notes(self, file: SaveFile) -> bytes: ...
+
+def diff(a: SaveFile, b: SaveFile) -> dict[str, Any]: ...

@@ -10,6 +10,7 @@ pub mod progress;
 pub mod record;
 pub mod sigbus;
 pub mod source;
+pub mod state;
 pub mod strip;
 pub mod testhook;
 pub mod verify;

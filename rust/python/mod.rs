@@ -14,6 +14,7 @@ use crate::ops::{self, Map};
 
 mod errors;
 use errors::to_pyerr;
+mod state;
 
 /// What keeps a mapped file alive while views of it exist: the base object
 /// of the read-only NumPy arrays behind savedir's zero-copy views.
@@ -791,6 +792,7 @@ fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(index, m)?)?;
     m.add_function(wrap_pyfunction!(verify, m)?)?;
     m.add_function(wrap_pyfunction!(strip, m)?)?;
+    state::register(m)?;
     m.add("__version__", env!("CARGO_PKG_VERSION"))?;
     Ok(())
 }
