@@ -99,7 +99,7 @@ class Cpu:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "Cpu":
-        kw = {k: (Segment(**v) if isinstance(v, dict) else v) for k, v in d.items()}
+        kw: dict[str, Any] = {k: (Segment(**v) if isinstance(v, dict) else v) for k, v in d.items()}
         return cls(**kw)
 
     def to_dict(self) -> dict[str, Any]:

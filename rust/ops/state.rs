@@ -129,7 +129,7 @@ pub fn vmsd_of<'d>(f: &SaveFile, desc: &'d StateDesc, s: &Section<'_>) -> Result
             ))
         }
     };
-    let vmsd = vmsd.as_ref().map_err(|m| fail(format!("the vmdesc's description cannot be used: {m}")))?;
+    let vmsd = vmsd.as_ref().map_err(|m| fail(format!("its vmdesc entry cannot be used: {m}")))?;
     if e.kind == Kind::Full {
         if let Some(v) = vmsd.version {
             if v != e.version_id {

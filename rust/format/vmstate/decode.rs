@@ -109,6 +109,15 @@ pub fn show_path(path: &[Step<'_>]) -> String {
     s
 }
 
+/// `1 byte`, `2 bytes`.
+fn bytes(n: u64) -> String {
+    if n == 1 {
+        "1 byte".into()
+    } else {
+        format!("{n} bytes")
+    }
+}
+
 /// Decodes the payload of a section (`payload`, whose first byte is at
 /// absolute offset `base`) through `vmsd`, which must describe it to its
 /// last byte. `label` names the section in messages (`device "cpu"
@@ -167,7 +176,7 @@ impl<'a> Decoder<'a, '_> {
         if n > self.left() {
             return Err(self.fail(
                 self.offset(),
-                format!("expected {n} bytes of {what}, but the section has {} bytes left", self.left()),
+                format!("expected {} of {what}, but the section has {} left", bytes(n), bytes(self.left())),
             ));
         }
         let s = &self.data[self.pos..self.pos + n as usize];
@@ -208,6 +217,11 @@ impl<'a> Decoder<'a, '_> {
     fn subsection(&mut self, sub: &'a Vmsd, depth: usize) -> Result<Fields<'a>> {
         // 0x05, u8 name length, name, be32 version.
         let at = self.offset();
+        if self.left() == 0 {
+            return Err(
+                self.fail(at, format!("expected the subsection \"{}\", found the end of the section", sub.name))
+            );
+        }
         let marker = self.take(1, "a subsection marker")?[0];
         if marker != tag::SUBSECTION {
             return Err(self.fail(at, format!("expected the subsection marker 0x05, found 0x{marker:02x}")));
@@ -308,7 +322,10 @@ impl<'a> Decoder<'a, '_> {
         let size = f.size;
         let exact = |d: &Self, n: u64| -> Result<()> {
             if n != size {
-                return Err(d.fail(at, format!("the vmdesc gives {size} bytes for a {}, which takes {n}", f.type_name)));
+                return Err(d.fail(
+                    at,
+                    format!("the vmdesc gives {size} bytes for a value of type {}, which takes {n}", f.type_name),
+                ));
             }
             Ok(())
         };

@@ -113,17 +113,17 @@ fn inline_vmsd(type_name: &str) -> bool {
     matches!(type_name, "vstruct" | "tmp")
 }
 
-/// Compiles the VMState that the JSON object `v` describes. `path` names it
-/// for messages.
+/// Compiles the VMState that the JSON object `v` describes. `path` prefixes
+/// messages: empty, or where the description sits, ending in ": ".
 pub fn compile(v: &Value, path: &str) -> Result<Vmsd, String> {
     compile_at(v, path, 0)
 }
 
 fn compile_at(v: &Value, path: &str, depth: usize) -> Result<Vmsd, String> {
     if depth > MAX_DEPTH {
-        return Err(format!("{path}: VMStates nest more than {MAX_DEPTH} deep"));
+        return Err(format!("{path}VMStates nest more than {MAX_DEPTH} deep"));
     }
-    let obj = v.as_object().ok_or_else(|| format!("{path}: expected a JSON object"))?;
+    let obj = v.as_object().ok_or_else(|| format!("{path}expected a JSON object"))?;
     let name = match obj.get("vmsd_name") {
         None => String::new(),
         Some(n) => checked_name(n, path, "vmsd_name")?,
@@ -133,27 +133,27 @@ fn compile_at(v: &Value, path: &str, depth: usize) -> Result<Vmsd, String> {
         Some(n) => Some(
             n.as_u64()
                 .and_then(|x| u32::try_from(x).ok())
-                .ok_or_else(|| format!("{path}: expected \"version\" to be a 32-bit unsigned integer, found {n}"))?,
+                .ok_or_else(|| format!("{path}expected \"version\" to be a 32-bit unsigned integer, found {n}"))?,
         ),
     };
     let mut fields = Vec::new();
     if let Some(fs) = obj.get("fields") {
-        let fs = fs.as_array().ok_or_else(|| format!("{path}: expected \"fields\" to be a list"))?;
+        let fs = fs.as_array().ok_or_else(|| format!("{path}expected \"fields\" to be a list"))?;
         fields.reserve(fs.len());
         for (i, f) in fs.iter().enumerate() {
             fields.push(compile_field(f, path, i, depth)?);
         }
     } else if obj.contains_key("size") {
-        return Err(format!("{path}: the vmdesc gives only a size, no fields"));
+        return Err(format!("{path}the vmdesc gives only a size, no fields"));
     }
     let mut subsections = Vec::new();
     if let Some(ss) = obj.get("subsections") {
-        let ss = ss.as_array().ok_or_else(|| format!("{path}: expected \"subsections\" to be a list"))?;
+        let ss = ss.as_array().ok_or_else(|| format!("{path}expected \"subsections\" to be a list"))?;
         for (i, s) in ss.iter().enumerate() {
-            let sub = compile_at(s, &format!("{path}, subsection #{i}"), depth + 1)?;
+            let sub = compile_at(s, &format!("{path}subsection #{i}: "), depth + 1)?;
             if sub.name.is_empty() || sub.name.len() > 255 {
                 return Err(format!(
-                    "{path}, subsection #{i}: expected a \"vmsd_name\" of 1 to 255 bytes, found {} bytes",
+                    "{path}subsection #{i}: expected a \"vmsd_name\" of 1 to 255 bytes, found {} bytes",
                     sub.name.len()
                 ));
             }
@@ -164,37 +164,37 @@ fn compile_at(v: &Value, path: &str, depth: usize) -> Result<Vmsd, String> {
 }
 
 fn checked_name(n: &Value, path: &str, key: &str) -> Result<String, String> {
-    let s = n.as_str().ok_or_else(|| format!("{path}: expected \"{key}\" to be a string, found {n}"))?;
+    let s = n.as_str().ok_or_else(|| format!("{path}expected \"{key}\" to be a string, found {n}"))?;
     if s.len() > MAX_NAME {
-        return Err(format!("{path}: \"{key}\" is {} bytes long (at most {MAX_NAME})", s.len()));
+        return Err(format!("{path}\"{key}\" is {} bytes long (at most {MAX_NAME})", s.len()));
     }
     Ok(s.to_owned())
 }
 
 fn compile_field(f: &Value, path: &str, i: usize, depth: usize) -> Result<Field, String> {
-    let here = format!("{path}, field #{i}");
-    let obj = f.as_object().ok_or_else(|| format!("{here}: expected a JSON object"))?;
-    let name = checked_name(obj.get("name").ok_or_else(|| format!("{here}: has no \"name\""))?, &here, "name")?;
-    let here = format!("{path}, field {name:?}");
-    let type_name = checked_name(obj.get("type").ok_or_else(|| format!("{here}: has no \"type\""))?, &here, "type")?;
+    let here = format!("{path}field #{i}: ");
+    let obj = f.as_object().ok_or_else(|| format!("{here}expected a JSON object"))?;
+    let name = checked_name(obj.get("name").ok_or_else(|| format!("{here}has no \"name\""))?, &here, "name")?;
+    let here = format!("{path}field {name:?}: ");
+    let type_name = checked_name(obj.get("type").ok_or_else(|| format!("{here}has no \"type\""))?, &here, "type")?;
     let size = obj
         .get("size")
-        .ok_or_else(|| format!("{here}: has no \"size\""))?
+        .ok_or_else(|| format!("{here}has no \"size\""))?
         .as_u64()
-        .ok_or_else(|| format!("{here}: expected \"size\" to be an unsigned integer, found {}", obj["size"]))?;
+        .ok_or_else(|| format!("{here}expected \"size\" to be an unsigned integer, found {}", obj["size"]))?;
     let count = match (obj.get("array_len"), obj.get("index")) {
-        (Some(_), Some(_)) => return Err(format!("{here}: has both \"array_len\" and \"index\"")),
+        (Some(_), Some(_)) => return Err(format!("{here}has both \"array_len\" and \"index\"")),
         (Some(n), None) => Count::Run(
-            n.as_u64().ok_or_else(|| format!("{here}: expected \"array_len\" to be an unsigned integer, found {n}"))?,
+            n.as_u64().ok_or_else(|| format!("{here}expected \"array_len\" to be an unsigned integer, found {n}"))?,
         ),
         (None, Some(n)) => Count::Element(
-            n.as_u64().ok_or_else(|| format!("{here}: expected \"index\" to be an unsigned integer, found {n}"))?,
+            n.as_u64().ok_or_else(|| format!("{here}expected \"index\" to be an unsigned integer, found {n}"))?,
         ),
         (None, None) => Count::One,
     };
     let kind = if type_name == "struct" {
-        let s = obj.get("struct").ok_or_else(|| format!("{here}: a struct without a \"struct\" description"))?;
-        let so = s.as_object().ok_or_else(|| format!("{here}: expected \"struct\" to be a JSON object"))?;
+        let s = obj.get("struct").ok_or_else(|| format!("{here}a struct without a \"struct\" description"))?;
+        let so = s.as_object().ok_or_else(|| format!("{here}expected \"struct\" to be a JSON object"))?;
         if so.is_empty() {
             Kind::EmptyStruct
         } else {
@@ -202,7 +202,7 @@ fn compile_field(f: &Value, path: &str, i: usize, depth: usize) -> Result<Field,
         }
     } else if inline_vmsd(&type_name) {
         if !obj.contains_key("fields") {
-            return Err(format!("{here}: a {type_name} field without \"fields\""));
+            return Err(format!("{here}a {type_name} field without \"fields\""));
         }
         Kind::Nested(Box::new(compile_at(f, &here, depth + 1)?))
     } else {

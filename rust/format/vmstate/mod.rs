@@ -63,11 +63,11 @@ impl StateDesc {
                     .ok_or_else(|| {
                         FormatError::invalid(at, format!("vmdesc device #{i} ({name}) has no valid \"instance_id\""))
                     })?;
-                let vmsd = desc::compile(d, &format!("device \"{name}\" instance {instance_id}"));
+                let vmsd = desc::compile(d, "");
                 devices.push(DeviceDesc { name: name.to_owned(), instance_id, vmsd });
             }
         }
-        let configuration = obj.get("configuration").map(|c| desc::compile(c, "the configuration"));
+        let configuration = obj.get("configuration").map(|c| desc::compile(c, ""));
         Ok(StateDesc { devices, configuration, at })
     }
 

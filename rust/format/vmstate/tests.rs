@@ -182,11 +182,19 @@ fn other_types_are_bytes_of_their_size() {
 #[test]
 fn values_that_do_not_fit_are_errors_with_path_and_offset() {
     let e = decode_err(r#"{"fields":[{"name":"a","type":"uint32","size":3}]}"#, &[0, 0, 0]);
-    assert!(e.message.contains("field a") && e.message.contains("gives 3 bytes for a uint32"), "{}", e.message);
+    assert!(
+        e.message.contains("field a") && e.message.contains("gives 3 bytes for a value of type uint32"),
+        "{}",
+        e.message
+    );
     let e = decode_err(r#"{"fields":[{"name":"b","type":"bool","size":1}]}"#, &[2]);
     assert!(e.message.contains("expected a bool"), "{}", e.message);
     let e = decode_err(r#"{"fields":[{"name":"c","type":"buffer","size":9}]}"#, &[0; 4]);
-    assert!(e.message.contains("expected 9 bytes of buffer") && e.message.contains("4 bytes left"), "{}", e.message);
+    assert!(
+        e.message.contains("expected 9 bytes of buffer") && e.message.contains("has 4 bytes left"),
+        "{}",
+        e.message
+    );
     assert_eq!(e.offset, 1000);
     let e = decode_err(r#"{"fields":[{"name":"d","type":"uint8","size":1}]}"#, &[0, 0]);
     assert!(e.message.contains("describes 1 of the section's 2 payload bytes, 1 left over"), "{}", e.message);
