@@ -259,7 +259,8 @@ pub fn cpus(f: &SaveFile, desc: &StateDesc) -> Result<Vec<X86Cpu>> {
 /// Where two sections' bytes first differ.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct FirstDifference {
-    /// Offset into the section's payload (its items' payloads joined).
+    /// Offset into the section's payload (its items' payloads joined;
+    /// for `ram`, less the EOS record that ends each item).
     pub at: u64,
     /// The absolute file offsets of that byte in each file (None past the
     /// end of the shorter payload).
@@ -388,17 +389,48 @@ fn field_diffs(
     Ok(diff_fields(&fa, &fb))
 }
 
+/// The byte ranges of a section that are compared: its items' payloads,
+/// and for `ram` without the EOS record each item ends with. QEMU ends a
+/// RAM section's START and PARTs where time (not the data) says, and the
+/// records go on in the next item (a CONTINUE record even reuses the block
+/// of the item before): two saves of the same RAM split into other items
+/// then compare equal.
+fn compared_ranges(f: &SaveFile, s: &Section<'_>) -> Result<Vec<(u64, u64)>> {
+    let eos = crate::format::ram::FLAG_EOS.to_be_bytes();
+    s.items
+        .iter()
+        .map(|e| {
+            let (start, end) = (e.payload_start(), e.payload_end());
+            if s.name() == "ram" && end - start >= 8 && *f.read(end - 8, end)? == eos {
+                return Ok((start, end - 8));
+            }
+            Ok((start, end))
+        })
+        .collect()
+}
+
 /// The first byte at which the two sections' payloads (their items'
-/// payloads joined) differ, compared a chunk at a time; None when equal.
+/// payloads joined, see [`compared_ranges`]) differ, compared a chunk at a
+/// time; None when equal.
 pub fn first_difference(
     a: &SaveFile,
     x: &Section<'_>,
     b: &SaveFile,
     y: &Section<'_>,
 ) -> Result<Option<FirstDifference>> {
-    let ra: Vec<(u64, u64)> = x.items.iter().map(|e| (e.payload_start(), e.payload_end())).collect();
-    let rb: Vec<(u64, u64)> = y.items.iter().map(|e| (e.payload_start(), e.payload_end())).collect();
-    let (mut ia, mut ib) = (Cursor::new(&ra), Cursor::new(&rb));
+    let (ra, rb) = (compared_ranges(a, x)?, compared_ranges(b, y)?);
+    first_difference_in(&ra, &rb, |s, e| a.read(s, e), |s, e| b.read(s, e))
+}
+
+/// Where the bytes of the ranges `ra` (read by `read_a`) and `rb` (read by
+/// `read_b`), each list joined, first differ.
+fn first_difference_in<'a, 'b>(
+    ra: &[(u64, u64)],
+    rb: &[(u64, u64)],
+    read_a: impl Fn(u64, u64) -> Result<Cow<'a, [u8]>>,
+    read_b: impl Fn(u64, u64) -> Result<Cow<'b, [u8]>>,
+) -> Result<Option<FirstDifference>> {
+    let (mut ia, mut ib) = (Cursor::new(ra), Cursor::new(rb));
     let mut at = 0u64;
     loop {
         let (Some(ca), Some(cb)) = (ia.run(), ib.run()) else {
@@ -409,7 +441,7 @@ pub fn first_difference(
             });
         };
         let n = (ca.1 - ca.0).min(cb.1 - cb.0).min(COMPARE_CHUNK);
-        let (ba, bb) = (a.read(ca.0, ca.0 + n)?, b.read(cb.0, cb.0 + n)?);
+        let (ba, bb) = (read_a(ca.0, ca.0 + n)?, read_b(cb.0, cb.0 + n)?);
         if ba != bb {
             let i = ba.iter().zip(bb.iter()).position(|(p, q)| p != q).unwrap_or(0) as u64;
             return Ok(Some(FirstDifference { at: at + i, offset_a: Some(ca.0 + i), offset_b: Some(cb.0 + i) }));
@@ -451,5 +483,30 @@ impl<'r> Cursor<'r> {
     fn advance(&mut self, n: u64) {
         self.pos += n;
         self.skip_empty();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn first(a: &[u8], ra: &[(u64, u64)], b: &[u8], rb: &[(u64, u64)]) -> Option<FirstDifference> {
+        let read_a = |s: u64, e: u64| Ok(Cow::Borrowed(&a[s as usize..e as usize]));
+        let read_b = |s: u64, e: u64| Ok(Cow::Borrowed(&b[s as usize..e as usize]));
+        first_difference_in(ra, rb, read_a, read_b).unwrap()
+    }
+
+    #[test]
+    fn ranges_split_differently_compare_joined() {
+        // "abcdef" as [ab][cdef] in one file and [abc][][def] in the other.
+        let a = b"..ab..cdef";
+        let b = b"abc.def";
+        assert_eq!(first(a, &[(2, 4), (6, 10)], b, &[(0, 3), (3, 3), (4, 7)]), None);
+        let d = first(a, &[(2, 4), (6, 10)], b"abc.dxf", &[(0, 3), (4, 7)]).unwrap();
+        assert_eq!(d, FirstDifference { at: 4, offset_a: Some(8), offset_b: Some(5) });
+        // One side longer: the difference is where the shorter one ends.
+        let d = first(a, &[(2, 4), (6, 10)], b, &[(0, 3), (4, 6)]).unwrap();
+        assert_eq!(d, FirstDifference { at: 5, offset_a: Some(9), offset_b: None });
+        assert_eq!(first(b"", &[], b"", &[(0, 0)]), None);
     }
 }
