@@ -144,6 +144,24 @@ def test_live_sections_are_described_not_decoded(qemu_stream_by_name: dict[str, 
     assert any(b.name == "pc.ram" and b.used_length == 64 << 20 for b in blocks)
 
 
+@pytest.mark.parametrize("kind", ["mapped-ram", "x-ignore-shared"])
+def test_ram_blocks_of_streams_with_capabilities(kind: str, tmp_path: Path) -> None:
+    # The block list's layout depends on the capabilities the configuration
+    # section names (mapped-ram: a header and a page region per block).
+    m = sk.make_mapped_ram(tmp_path) if kind == "mapped-ram" else sk.make_ignore_shared(tmp_path)
+    data = m.path.read_bytes()
+    with savedir.open(m.path) as f:
+        (conf,) = f.state("configuration").sections
+        assert conf.fields is not None and conf.fields["configuration/capabilities"]["capabilities"] == kind
+        (x,) = f.state("ram").sections
+        start = f["ram"].entries[0]
+        blocks: list[sk.RamBlock] = []
+        sk.read_ram_item(data, start.payload_offset, start.end, blocks=blocks, mapped_ram=kind == "mapped-ram",
+                         ignore_shared=kind == "x-ignore-shared")
+    assert x.live is not None and len(blocks) > 3
+    assert [(b["id"], b["used_length"]) for b in x.live["ram_blocks"]] == [(b.name, b.used_length) for b in blocks]
+
+
 class Recorder(io.RawIOBase):
     """A binary file over bytes that records every range read from it."""
 
