@@ -9,12 +9,12 @@ cd "$(dirname "$0")/.."
 secs=${1:-60}
 shift || true
 targets=("$@")
-[ ${#targets[@]} -gt 0 ] || targets=(stream stream_chunked directory libvirt ram)
+[ ${#targets[@]} -gt 0 ] || targets=(stream stream_chunked directory libvirt ram vmstate)
 
 seeds=fuzz/seeds
 mkdir -p "$seeds"
 example=examples/pc-i440fx.sav
-if [ ! -f "$seeds/.made" ]; then
+if [ ! -f "$seeds/.made" ] || [ ! -f "$seeds/vmstate" ]; then
   python3 - "$example" "$seeds" <<'PY'
 import os, shutil, struct, subprocess, sys
 src, out = sys.argv[1], sys.argv[2]
@@ -36,6 +36,13 @@ xml = b"<domain type='kvm'><name>seed</name><uuid>00000000-0000-0000-0000-000000
 put("libvirt", hdr + xml.ljust(4096, b"\0") + data[:4096])
 # RAM: the first section's payload, after its header.
 put("ram", b"\x00" + data[27 + 1 + 4 + 1 + 3 + 4 + 4 : 27 + 170])
+# vmstate: the cpu section's vmdesc entry and payload.
+import json
+import savedir
+with savedir.open(src) as f:
+    dev = next(d for d in f.vmdesc["devices"] if d["name"] == "cpu")
+    body = json.dumps(dev).encode()
+    put("vmstate", struct.pack("<H", len(body)) + body + bytes(f["cpu"].payload))
 open(os.path.join(out, ".made"), "w").close()
 PY
 fi
@@ -49,6 +56,7 @@ for t in "${targets[@]}"; do
     directory) cp -n "$seeds"/indexed "$seeds"/directory_tail "$corpus"/ ;;
     libvirt) cp -n "$seeds"/libvirt "$corpus"/ ;;
     ram) cp -n "$seeds"/ram "$corpus"/ ;;
+    vmstate) cp -n "$seeds"/vmstate "$corpus"/ ;;
   esac
   case $t in stream|stream_chunked) maxlen=65536 ;; *) maxlen=1048576 ;; esac
   echo "== fuzz $t for ${secs}s"

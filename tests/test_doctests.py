@@ -44,3 +44,22 @@ def test_docstring_example(test: doctest.DocTest, tmp_path: Path) -> None:
     finally:
         os.chdir(cwd)
     assert result.failed == 0, f"{result.failed} of {result.attempted} examples failed in {test.name}"
+
+
+API_MD = Path(__file__).resolve().parent.parent / "docs" / "api.md"
+
+
+def test_api_md_examples(tmp_path: Path) -> None:
+    """The ``>>>`` examples of docs/api.md run, on a fresh copy of a real save."""
+    # A fence ends an example's expected output, as a blank line does.
+    text = "\n".join("" if line.startswith("```") else line for line in API_MD.read_text().splitlines())
+    test = doctest.DocTestParser().get_doctest(text, {"savedir": savedir}, "api.md", str(API_MD), 0)
+    assert len(test.examples) >= 5
+    shutil.copyfile(EXAMPLE, tmp_path / "vm.sav")
+    cwd = os.getcwd()
+    os.chdir(tmp_path)
+    try:
+        result = doctest.DocTestRunner(optionflags=doctest.ELLIPSIS).run(test, out=lambda s: print(s, end=""))
+    finally:
+        os.chdir(cwd)
+    assert result.failed == 0, f"{result.failed} of {result.attempted} examples failed in docs/api.md"

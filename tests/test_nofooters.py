@@ -19,6 +19,7 @@ import pytest
 
 import qemu_harness as h
 import savedir
+import state_check
 import stream_kinds as sk
 
 ROOT = Path("/opt/savedir-test/qemu-7.2")
@@ -85,6 +86,8 @@ def check(tmp: Path, p: Path, twin: Path, setup: sk.Setup) -> None:
     with savedir.open(p) as f:
         assert not f.indexed and not f.footers and f.vmdesc is None
     assert facts(p) == want
+    with savedir.open(twin) as f:
+        assert state_check.check_decodes(f) > 20
     r = savedir.index(p)
     assert r.written and r.entries == len(want)
     assert p.read_bytes()[: len(pristine)] == pristine

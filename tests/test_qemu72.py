@@ -16,6 +16,7 @@ import pytest
 
 import qemu_harness as h
 import savedir
+import state_check
 
 ROOT = Path("/opt/savedir-test/qemu-7.2")
 BINARY = ROOT / "usr/bin/qemu-system-x86_64"
@@ -46,6 +47,7 @@ def test_qemu_7_2_streams(qemu72: None, tmp_path: Path, machine: str, full: bool
         fulls = [(e.name, e.instance_id) for e in f.entries if e.kind == "full"]
         assert fulls == [(d["name"], d["instance_id"]) for d in f.vmdesc["devices"]]
         assert "configuration" not in f.vmdesc
+        assert state_check.check_decodes(f) > 20
         scanned = [(e.kind, e.offset, e.size) for e in savedir.open(p, scan=True).entries]
         assert scanned == [(e.kind, e.offset, e.size) for e in f.entries]
     assert p.read_bytes()[: orig.stat().st_size] == orig.read_bytes()

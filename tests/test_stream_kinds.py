@@ -27,6 +27,7 @@ import savedir
 import savedir.cli
 
 import qemu_harness as h
+import state_check
 import stream_kinds as sk
 
 pytestmark = pytest.mark.qemu
@@ -229,6 +230,9 @@ def check_stream(m: sk.Made, tmp: Path, *, sidecar: bool = False, load_kw: dict[
             with soft("FULL sections vs the vmdesc" + ("" if m.vmdesc else " of the twin saved with a vmdesc")):
                 check_fulls(fulls, desc, f.footers)
             del fulls
+            if m.vmdesc:
+                with soft("device sections decoded through the vmdesc"):
+                    state_check.check_decodes(f)
 
             # -- cat-like reads
             with soft("section reads"):

@@ -28,6 +28,7 @@ from savedir import _core
 if TYPE_CHECKING:
     from savedir.ram import Ram
 from savedir._core import Entry, IndexResult, RecordResult, StripResult, VerifyResult
+from savedir._state import Cpu, Diff, FieldDiff, SectionDiff, SectionState, Segment, State, make_diff as _make_diff
 from savedir.errors import (
     DirectoryError,
     FileChangedError,
@@ -51,6 +52,7 @@ __all__ = [
     "strip",
     "record",
     "Recorder",
+    "diff",
     "SaveFile",
     "Section",
     "Entry",
@@ -58,6 +60,13 @@ __all__ = [
     "VerifyResult",
     "StripResult",
     "RecordResult",
+    "State",
+    "SectionState",
+    "Cpu",
+    "Segment",
+    "Diff",
+    "SectionDiff",
+    "FieldDiff",
     "SavedirError",
     "FormatError",
     "NotAStreamError",
@@ -325,6 +334,27 @@ def open(  # noqa: A001
     )
 
 
+def diff(a: Union[PathLike, "SaveFile"], b: Union[PathLike, "SaveFile"]) -> Diff:
+    """Compares two saves section by section: the sections only one has,
+    those whose bytes differ, and for device sections the fields that
+    differ with both values. ``same`` is True when nothing differs.
+
+    >>> import shutil
+    >>> _ = shutil.copyfile("vm.sav", "copy.sav")
+    >>> diff("vm.sav", "copy.sav").same
+    True
+    """
+    fa = a if isinstance(a, SaveFile) else open(a)
+    fb = b if isinstance(b, SaveFile) else open(b)
+    try:
+        return _make_diff(fa.path, fb.path, _core.diff(fa, fb))
+    finally:
+        if fa is not a:
+            fa.close()
+        if fb is not b:
+            fb.close()
+
+
 class Section:
     """One section of the stream: a device (FULL) section, or a live section
     (such as ``ram``) made of a START, PARTs and an END.
@@ -338,11 +368,34 @@ class Section:
     (b'\\x04', False, True)
     """
 
-    __slots__ = ("entries",)
+    __slots__ = ("entries", "_file", "_fields")
 
-    def __init__(self, entries: list[Entry]) -> None:
+    def __init__(self, entries: list[Entry], file: Optional["SaveFile"] = None) -> None:
         self.entries: list[Entry] = entries
         """The stream items of this section, in file order."""
+        self._file = file
+        self._fields: Optional[dict[str, Any]] = None
+
+    @property
+    def fields(self) -> dict[str, Any]:
+        """The device state, field by field, decoded through the vmdesc on
+        first use: a dict keyed as the vmdesc spells the names, with
+        integers, bools, bytes (buffers, timers, floats), None (a NULL
+        pointer), lists (arrays) and dicts (structs, and the subsections the
+        save holds, under their vmsd name). A live section such as ``ram``
+        has no fields (:class:`UnsupportedStreamError`), nor has a stream
+        without a vmdesc.
+
+        >>> with open("vm.sav") as f:
+        ...     cpu = f["cpu"].fields
+        ...     len(cpu["env.regs"]), cpu["env.segs"][1]["selector"], cpu["env.a20_mask"]
+        (16, 61440, -1)
+        """
+        if self._fields is None:
+            if self._file is None:
+                raise SavedirError("this section was made without its file: get it from SaveFile.section()")
+            self._fields = self._file._state_reader().fields(self._file, self.offset)
+        return self._fields
 
     @property
     def name(self) -> str:
@@ -435,7 +488,7 @@ class SaveFile(_core.SaveFile):
     def section(self, name: str, instance: Optional[int] = None) -> Section:
         """The section ``name`` (instance ``instance``, or the lowest one).
         Raises :class:`SectionNotFoundError` (a :class:`KeyError`)."""
-        return Section(self.find(name, instance))
+        return Section(self.find(name, instance), self)
 
     def sections(self) -> list[Section]:
         """Every section, in the order the stream opens them."""
@@ -446,7 +499,7 @@ class SaveFile(_core.SaveFile):
                 group: list[Entry] = [e]
                 if e.kind == "start":
                     groups[e.section_id or 0] = group
-                order.append(Section(group))
+                order.append(Section(group, self))
             elif e.kind in ("part", "end"):
                 groups[e.section_id or 0].append(e)
         return order
@@ -491,6 +544,43 @@ class SaveFile(_core.SaveFile):
                 err.path, err.offset = self.path, offset
                 raise err from None
         return self._vmdesc
+
+    _reader: Optional[_core.StateReader] = None
+
+    def _state_reader(self) -> _core.StateReader:
+        if self._reader is None:
+            self._reader = _core.StateReader(self)
+        return self._reader
+
+    def state(self, *sections: Union[str, tuple[str, Optional[int]]]) -> State:
+        """The state of every section (or of the ``sections`` named, each a
+        name for all its instances or a ``(name, instance)`` pair), decoded
+        through the vmdesc: see :attr:`Section.fields`. Only those sections
+        are read (through the directory, when the file has one).
+
+        >>> with open("vm.sav") as f:
+        ...     s = f.state("cpu", ("dma", 1))
+        ...     [(x.name, x.instance_id) for x in s.sections], s.sections[0].fields["env.eip"]
+        ([('cpu', 0), ('dma', 1)], 65520)
+        """
+        want: Optional[list[tuple[str, Optional[int]]]] = None
+        if sections:
+            want = [(s, None) if isinstance(s, str) else (s[0], s[1]) for s in sections]
+        raw = self._state_reader().state(self, want)
+        return State(path=self.path, sections=[SectionState(**d) for d in raw])
+
+    @property
+    def cpus(self) -> list[Cpu]:
+        """Every vCPU's registers (x86), by index: general registers, rip,
+        rflags, segment registers, descriptor tables, control registers,
+        efer and debug registers.
+
+        >>> with open("vm.sav") as f:
+        ...     c = f.cpus[0]
+        ...     hex(c.rip), hex(c.cs.base), hex(c.cr0)
+        ('0xfff0', '0xffff0000', '0x60000010')
+        """
+        return [Cpu.from_dict(d) for d in self._state_reader().cpus(self)]
 
     def __repr__(self) -> str:
         if self.closed:

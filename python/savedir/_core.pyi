@@ -29,6 +29,8 @@ __all__ = [
     "index",
     "verify",
     "strip",
+    "StateReader",
+    "diff",
     "__version__",
 ]
 
@@ -285,3 +287,17 @@ def _x86_layout(
     ram_block: Optional[str] = None,
     save: Optional[_Path] = None,
 ) -> tuple[list[tuple[int, int, str, int]], list[tuple[str, str]]]: ...
+
+@final
+class StateReader:
+    """The compiled vmdesc of one open save (see savedir/_state.py)."""
+
+    def __new__(cls, file: SaveFile) -> Self: ...
+    def fields(self, file: SaveFile, offset: int) -> dict[str, Any]: ...
+    def state(
+        self, file: SaveFile, sections: Optional[list[tuple[str, Optional[int]]]] = None
+    ) -> list[dict[str, Any]]: ...
+    def cpus(self, file: SaveFile) -> list[dict[str, Any]]: ...
+    def elf_notes(self, file: SaveFile) -> bytes: ...
+
+def diff(a: SaveFile, b: SaveFile) -> dict[str, Any]: ...

@@ -309,6 +309,10 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("files", nargs="+", metavar="FILE")
     sp.add_argument("--force", action="store_true", help="also remove unknown bytes after the stream")
     sp.add_argument("-q", "--quiet", action="store_true", help="print nothing on success")
+
+    from savedir import _state_cli
+
+    _state_cli.register(add)
     return p
 
 

@@ -15,6 +15,7 @@ pub mod reader;
 pub mod source;
 pub mod stream;
 pub mod vmdesc;
+pub mod vmstate;
 
 /// Byte values of QEMU's top-level stream and of the savedir directory.
 pub mod tag {

@@ -12,6 +12,7 @@ pub mod ram;
 pub mod record;
 pub mod sigbus;
 pub mod source;
+pub mod state;
 pub mod strip;
 pub mod testhook;
 pub mod verify;

@@ -16,6 +16,7 @@ mod errors;
 mod layout;
 mod ram;
 use errors::to_pyerr;
+mod state;
 
 /// What keeps a mapped file alive while views of it exist: the base object
 /// of the read-only NumPy arrays behind savedir's zero-copy views.
@@ -822,6 +823,7 @@ fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(verify, m)?)?;
     m.add_function(wrap_pyfunction!(strip, m)?)?;
     layout::register(m)?;
+    state::register(m)?;
     m.add("__version__", env!("CARGO_PKG_VERSION"))?;
     Ok(())
 }
