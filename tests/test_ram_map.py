@@ -30,6 +30,45 @@ pytestmark = pytest.mark.qemu
 CHUNK = 1 << 20
 
 
+def elf_segments(path: Path) -> tuple[int, list[tuple[int, int, int, int]]]:
+    """(e_machine, [(p_type, p_offset, p_paddr, p_filesz)]) of an ELF64 core."""
+    with open(path, "rb") as f:
+        head = f.read(64)
+        (machine,) = struct.unpack_from("<H", head, 0x12)
+        (phoff,) = struct.unpack_from("<Q", head, 0x20)
+        phentsize, phnum = struct.unpack_from("<HH", head, 0x36)
+        f.seek(phoff)
+        table = f.read(phentsize * phnum)
+    segs = []
+    for i in range(phnum):
+        p_type, _flags, off, _vaddr, paddr, filesz = struct.unpack_from("<IIQQQQ", table, i * phentsize)
+        segs.append((p_type, off, paddr, filesz))
+    return machine, segs
+
+
+def read_at(path: Path, off: int, n: int) -> bytes:
+    with open(path, "rb") as f:
+        f.seek(off)
+        return f.read(n)
+
+
+def assert_same_core(ours: Path, qemu: Path) -> None:
+    """savedir's ELF core holds QEMU's loads (addresses, sizes, bytes) and notes."""
+    m1, s1 = elf_segments(ours)
+    m2, s2 = elf_segments(qemu)
+    assert m1 == m2, (m1, m2)
+    loads1 = [(p, n) for t, _, p, n in s1 if t == 1]
+    loads2 = [(p, n) for t, _, p, n in s2 if t == 1]
+    assert loads1 == loads2, (loads1, loads2)
+    for (t1, o1, p1, n1), (t2, o2, p2, n2) in zip([s for s in s1 if s[0] == 1], [s for s in s2 if s[0] == 1]):
+        for at in range(0, n1, CHUNK):
+            k = min(CHUNK, n1 - at)
+            assert read_at(ours, o1 + at, k) == read_at(qemu, o2 + at, k), f"load at {p1:#x} differs near {p1 + at:#x}"
+    notes1 = [read_at(ours, o, n) for t, o, _, n in s1 if t == 4]
+    notes2 = [read_at(qemu, o, n) for t, o, _, n in s2 if t == 4]
+    assert notes1 == notes2
+
+
 def elf_loads(path: Path) -> list[tuple[int, int, int]]:
     """(p_offset, p_paddr, p_filesz) of every PT_LOAD of an ELF64 core."""
     with open(path, "rb") as f:
@@ -134,6 +173,11 @@ def test_paused_save(tmp_path: Path) -> None:
     # The dump QEMU loaded from the save equals the one it took before.
     again = loaded_dump(m, tmp_path)
     compare_with_dump(save, again, 32 << 20)
+    # savedir's ELF core is QEMU's dump of that moment: loads and vCPU notes.
+    ours = tmp_path / "ours.elf"
+    with savedir.open(save) as f:
+        f.ram.write_elf(ours)
+    assert_same_core(ours, dump)
 
 
 @pytest.mark.parametrize("variant", ["plain", "xbzrle"])

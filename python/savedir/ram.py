@@ -196,10 +196,12 @@ class Ram(Mapping[str, RamBlock]):
         return self._phys
 
     def write_elf(self, path: Union[str, "os.PathLike[str]"], *, progress: bool = False) -> int:
-        """Writes an ELF64 core of guest-physical memory to ``path`` (one
-        ``PT_LOAD`` per range, as ``dump-guest-memory`` with paging off);
-        returns its size."""
-        return self._physmap().write_elf(path, progress=progress)
+        """Writes an ELF64 core of guest-physical memory to ``path``, as
+        ``dump-guest-memory`` with paging off: a ``PT_NOTE`` with each vCPU's
+        ``NT_PRSTATUS`` and QEMU CPU state (when the save's vCPUs can be
+        read), then one ``PT_LOAD`` per range; returns its size."""
+        notes, machine = self._file.core_notes()
+        return self._physmap().write_elf(path, notes=notes, machine=machine, progress=progress)
 
     def read_phys(self, gpa: int, n: int) -> bytes:
         """``n`` bytes at guest-physical address ``gpa``. An address no RAM

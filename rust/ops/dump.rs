@@ -22,7 +22,25 @@ const PHDR_LEN: u64 = 56;
 const PT_LOAD: u32 = 1;
 const PT_NOTE: u32 = 4;
 const ET_CORE: u16 = 4;
-const EM_X86_64: u16 = 62;
+/// `e_machine` of a core whose first vCPU is in long mode (else `EM_386`).
+pub const EM_X86_64: u16 = 62;
+pub const EM_386: u16 = 3;
+
+/// The notes of an ELF core of `f`'s vCPUs and the core's machine, as QEMU's
+/// `dump-guest-memory` writes them: each vCPU's `NT_PRSTATUS`, then each
+/// one's "QEMU" note; `EM_X86_64` when the first vCPU is in long mode, else
+/// `EM_386`. No notes (and `EM_X86_64`) for a save whose vCPUs cannot be
+/// read (no vmdesc, no `cpu` section).
+pub fn core_notes(f: &super::SaveFile) -> (Vec<u8>, u16) {
+    let cpus = super::state::load_desc(f).and_then(|d| super::state::cpus(f, &d));
+    match cpus {
+        Ok(c) if !c.is_empty() => {
+            let machine = if c[0].long_mode() { EM_X86_64 } else { EM_386 };
+            (crate::format::vmstate::x86::elf_notes(&c), machine)
+        }
+        _ => (Vec::new(), EM_X86_64),
+    }
+}
 
 /// Writes `size` bytes of block `b` from `offset` into `out` at `at`,
 /// leaving holes where pages are zero.
@@ -115,6 +133,7 @@ pub fn write_elf(
     src: &dyn ReadAt,
     ranges: &[PhysRange],
     notes: &[u8],
+    machine: u16,
     path: &Path,
     progress: bool,
 ) -> Result<u64> {
@@ -125,7 +144,7 @@ pub fn write_elf(
     head.extend_from_slice(&[2, 1, 1, 0]); // 64-bit, little-endian, version 1, System V
     head.extend_from_slice(&[0; 8]);
     head.extend_from_slice(&ET_CORE.to_le_bytes());
-    head.extend_from_slice(&EM_X86_64.to_le_bytes());
+    head.extend_from_slice(&machine.to_le_bytes());
     head.extend_from_slice(&1u32.to_le_bytes()); // e_version
     head.extend_from_slice(&0u64.to_le_bytes()); // e_entry
     head.extend_from_slice(&EHDR_LEN.to_le_bytes()); // e_phoff

@@ -473,6 +473,14 @@ impl SaveFile {
         ram::ram_map(py, self)
     }
 
+    /// `(notes, e_machine)` of an ELF core of this save's vCPUs, as QEMU's
+    /// `dump-guest-memory` writes them (no notes when the vCPUs cannot be read).
+    fn core_notes<'py>(&self, py: Python<'py>) -> PyResult<(Bound<'py, PyBytes>, u16)> {
+        let f = self.get()?;
+        let (notes, machine) = py.detach(|| ops::dump::core_notes(&f));
+        Ok((PyBytes::new(py, &notes), machine))
+    }
+
     /// Where `ram`'s blocks lie in guest-physical memory: `(ranges,
     /// unmapped)`, see `savedir.ram.Ram.ranges`.
     #[pyo3(signature = (ram, *, below_4g=None, above_4g_start=None, ram_block=None))]

@@ -248,18 +248,20 @@ impl PhysMap {
 
     /// Writes an ELF64 core of these ranges to `path` (one PT_LOAD each,
     /// after a PT_NOTE of `notes` when given); returns its size.
-    #[pyo3(signature = (path, *, notes=None, progress=false))]
+    #[pyo3(signature = (path, *, notes=None, machine=62, progress=false))]
     fn write_elf(
         &self,
         py: Python<'_>,
         path: std::path::PathBuf,
         notes: Option<Vec<u8>>,
+        machine: u16,
         progress: bool,
     ) -> PyResult<u64> {
         let notes = notes.unwrap_or_default();
         py.detach(|| {
             sequentially(&self.ram, &self.owner, || {
-                crate::ops::dump::write_elf(&self.ram, &*self.owner.source, &self.ranges, &notes, &path, progress)
+                let src = &*self.owner.source;
+                crate::ops::dump::write_elf(&self.ram, src, &self.ranges, &notes, machine, &path, progress)
             })
         })
         .map_err(|e| to_pyerr(py, e))
