@@ -22,6 +22,7 @@ from __future__ import annotations
 import contextlib
 import io
 import json
+import struct
 import time
 from pathlib import Path
 from typing import Any
@@ -134,24 +135,58 @@ def test_a_link_change_shows_in_the_nic_fields(saves: dict[str, Any]) -> None:
             "only_in": None} in js["fields"]
 
 
+def _dump_pages(path: Path) -> dict[int, bytes]:
+    """Guest-physical page address -> bytes, from a dump-guest-memory ELF."""
+    data = path.read_bytes()
+    (phoff,) = struct.unpack_from("<Q", data, 0x20)
+    phentsize, phnum = struct.unpack_from("<HH", data, 0x36)
+    pages = {}
+    for i in range(phnum):
+        p_type, _f, off, _v, paddr, size = struct.unpack_from("<IIQQQQ", data, phoff + i * phentsize)
+        if p_type == 1:
+            for k in range(0, size, 4096):
+                pages[paddr + k] = data[off + k : off + k + 4096]
+    return pages
+
+
 def test_a_running_guest_changes_ram_cpu_and_clocks(tmp_path: Path) -> None:
     disk = sk.make_boot_disk(tmp_path / "boot.img")
     setup = sk.Setup(machine="pc", args=("-drive", f"file={disk},format=raw,if=ide"))
     a, b = tmp_path / "a.sav", tmp_path / "b.sav"
+    da, db = tmp_path / "a.elf", tmp_path / "b.elf"
     with setup.vm() as vm:
         vm.cont()
         time.sleep(1.5)  # the BIOS boots the sector, which then writes RAM in a loop
         vm.stop()
+        vm.cmd("dump-guest-memory", paging=False, protocol=f"file:{da}")
         vm.migrate(sk.file_uri(a))
         vm.cont()
         time.sleep(0.5)
         vm.stop()
+        vm.cmd("dump-guest-memory", paging=False, protocol=f"file:{db}")
         vm.migrate(sk.file_uri(b))
-    d = savedir.diff(a, b)
-    names = {s.name: s for s in d.sections}
-    ram = names["ram"]
-    assert ram.live and ram.fields is None and ram.first_difference is not None
-    assert ram.pages is None  # page by page once savedir has page maps
+    # Exactly the pages QEMU's own dumps of the two moments say differ.
+    pa, pb = _dump_pages(da), _dump_pages(db)
+    assert pa.keys() == pb.keys()
+    changed = sorted(g for g in pa if pa[g] != pb[g])
+    assert changed, "the guest changed no page"
+    want: list[tuple[int, int]] = []
+    for g in changed:
+        if want and want[-1][1] == g:
+            want[-1] = (want[-1][0], g + 4096)
+        else:
+            want.append((g, g + 4096))
+    for indexed in (False, True):
+        if indexed:
+            savedir.index(a)
+            savedir.index(b)
+        d = savedir.diff(a, b)
+        names = {s.name: s for s in d.sections}
+        ram = names["ram"]
+        assert ram.live and ram.fields is None and ram.first_difference is not None
+        assert ram.pages is not None
+        assert [tuple(r) for r in ram.pages["ranges"]] == want, (ram.pages["ranges"][:5], want[:5])
+        assert ram.pages["pages"] >= len(changed)
     cpu = names["cpu"]
     assert cpu.fields and any(x.path.startswith(("env.regs", "env.eip", "env.tsc")) for x in cpu.fields)
     assert "timer" in names

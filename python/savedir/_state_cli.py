@@ -148,6 +148,11 @@ def _diff_text(d: Diff) -> list[str]:
             sizes = "" if s.payload_size[0] == s.payload_size[1] else (
                 f"; payloads of {s.payload_size[0]} and {s.payload_size[1]} bytes")
             lines.append(f"{what}: bytes differ from payload byte {fd['at']} ({where}){sizes}")
+        if s.pages is not None:
+            ranges = s.pages["ranges"]
+            shown = ", ".join(f"0x{lo:x}-0x{hi - 1:x}" for lo, hi in ranges[:8])
+            more = f" and {len(ranges) - 8} more ranges" if len(ranges) > 8 else ""
+            lines.append(f"  {s.pages['pages']} pages differ; guest-physical: {shown or '-'}{more}")
         if s.error is not None:
             lines.append(f"  fields not compared: {s.error}")
         for x in s.fields or []:

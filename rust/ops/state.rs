@@ -354,6 +354,9 @@ pub fn diff(a: &SaveFile, b: &SaveFile) -> Result<DiffReport> {
             error: None,
             pages: None,
         };
+        if x.live() && x.name() == "ram" && first.is_some() {
+            d.pages = Some(ram_page_diff(a, b)?);
+        }
         if !x.live() {
             let da = desc_a.get_or_insert_with(|| load_desc(a).map_err(|e| e.to_string()));
             let db = desc_b.get_or_insert_with(|| load_desc(b).map_err(|e| e.to_string()));
@@ -370,6 +373,73 @@ pub fn diff(a: &SaveFile, b: &SaveFile) -> Result<DiffReport> {
         }
     }
     Ok(report)
+}
+
+/// The pages whose final content differs between the RAM of `a` and `b`
+/// (through their page maps, or walks of their RAM records), and where they
+/// lie in `a`'s guest-physical memory (no ranges when its layout is not
+/// known, or for pages of blocks that lie nowhere). A block only one save
+/// has differs wholly.
+pub fn ram_page_diff(a: &SaveFile, b: &SaveFile) -> Result<PageDiff> {
+    use rayon::prelude::*;
+    let (ra, rb) = (a.guest_ram()?, b.guest_ram()?);
+    let ps = ra.page_size() as usize;
+    let mut differing: Vec<(usize, u64)> = Vec::new();
+    for (i, blk) in ra.map.blocks.iter().enumerate() {
+        let pages = blk.used_length.div_ceil(ps as u64);
+        let other = rb.block_index(&blk.id).ok().filter(|&j| rb.map.blocks[j].used_length == blk.used_length);
+        let Some(j) = other.filter(|_| rb.page_size() as usize == ps) else {
+            differing.extend((0..pages).map(|p| (i, p)));
+            continue;
+        };
+        let same = |p: u64| -> Result<bool> {
+            use super::ram::PageWord;
+            match (ra.page_word(i, p), rb.page_word(j, p)) {
+                (PageWord::Zero, PageWord::Zero) => return Ok(true),
+                (PageWord::Stored(x), PageWord::Stored(y)) => {
+                    if let (Some(da), Some(db)) = (a.source.as_slice(), b.source.as_slice()) {
+                        let (x, y) = (x as usize, y as usize);
+                        if let (Some(pa), Some(pb)) = (da.get(x..x + ps), db.get(y..y + ps)) {
+                            return Ok(pa == pb);
+                        }
+                    }
+                }
+                _ => {}
+            }
+            let (mut pa, mut pb) = (vec![0u8; ps], vec![0u8; ps]);
+            ra.page_into(&*a.source, i, p, &mut pa)?;
+            rb.page_into(&*b.source, j, p, &mut pb)?;
+            Ok(pa == pb)
+        };
+        let found: Result<Vec<u64>> = (0..pages)
+            .into_par_iter()
+            .filter_map(|p| match same(p) {
+                Ok(true) => None,
+                Ok(false) => Some(Ok(p)),
+                Err(e) => Some(Err(e)),
+            })
+            .collect();
+        differing.extend(found?.into_iter().map(|p| (i, p)));
+    }
+    let pages = differing.len() as u64;
+    // Where they lie: guest-physical addresses, joined into ranges.
+    let layout = a.phys_layout(&ra, &Default::default()).map(|(r, _)| r).unwrap_or_default();
+    let mut addrs: Vec<u64> = Vec::with_capacity(differing.len());
+    for &(b, p) in &differing {
+        let off = p * ps as u64;
+        if let Some(r) = layout.iter().find(|r| r.block == b && off >= r.offset && off < r.offset + r.size) {
+            addrs.push(r.gpa + (off - r.offset));
+        }
+    }
+    addrs.sort_unstable();
+    let mut ranges: Vec<(u64, u64)> = Vec::new();
+    for g in addrs {
+        match ranges.last_mut() {
+            Some(last) if last.1 == g => last.1 = g + ps as u64,
+            _ => ranges.push((g, g + ps as u64)),
+        }
+    }
+    Ok(PageDiff { pages, ranges })
 }
 
 fn field_diffs(
