@@ -24,6 +24,7 @@ __all__ = [
     "index",
     "verify",
     "strip",
+    "_x86_layout",
     "__version__",
 ]
 
@@ -229,3 +230,14 @@ def verify(
 def strip(
     path: _Path, *, force: bool = False, offset: Optional[int] = None, wait: bool = False, vmdesc: Optional[_Path] = None
 ) -> StripResult: ...
+
+# private: the x86 guest-physical layout rule, for tests/test_layout.py
+def _x86_layout(
+    machine_type: str,
+    blocks: list[tuple[str, int]],
+    below_4g: Optional[int] = None,
+    *,
+    above_4g_start: Optional[int] = None,
+    ram_block: Optional[str] = None,
+    save: Optional[_Path] = None,
+) -> tuple[list[tuple[int, int, str, int]], list[tuple[str, str]]]: ...
