@@ -201,6 +201,7 @@ class Snapshot:
     reload_dump: Optional[Path] = None  # the second QEMU's dump after the load (pc only)
     seconds: float = 0.0
     timings: Dict[str, float] = field(default_factory=dict)
+    mtree: str = ""  # `info mtree -f` at the paused moment
 
 
 @dataclass
@@ -280,6 +281,7 @@ def make_snapshot(root: Path, name: str, guest: Guest, reload_dump: bool = False
         snap.pages = wait_ready(vm, d / "source.console")
         snap.timings["boot"] = time.monotonic() - t0
         vm.stop()
+        snap.mtree = vm.cmd("human-monitor-command", **{"command-line": "info mtree -f"})
         t = time.monotonic()
         dump(vm, snap.dump)
         snap.timings["dump"] = time.monotonic() - t

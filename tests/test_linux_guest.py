@@ -5,7 +5,9 @@ what they claim to be. These hold whatever savedir does."""
 from __future__ import annotations
 
 import physmap
+import savedir
 from linux_guest import GuestSaves, check_pattern
+from savedir import _core
 
 
 def test_paused_dumps_hold_the_whole_fill(guest_saves: GuestSaves) -> None:
@@ -45,3 +47,21 @@ def test_live_saves_sent_pages_again(guest_saves: GuestSaves) -> None:
         assert counts["pages"] == ls.pages
     x = guest_saves.live["xbzrle"].query_migrate
     assert x["xbzrle-cache"]["pages"] > 0, x
+
+
+def test_dump_loads_are_the_flat_views_ram_and_the_layout_rule(guest_saves: GuestSaves) -> None:
+    """QEMU's dump (paging off) has one PT_LOAD per RAM/ROM range of the flat
+    view of "memory", merged where contiguous in address, region and offset;
+    the layout rule gives the same ranges from the save alone."""
+    for snap in guest_saves.snapshots:
+        loads = [(ld.paddr, ld.filesz) for ld in physmap.Elf(snap.dump).loads]
+        view = physmap.memory_view(snap.mtree)
+        assert loads == [(g, s) for g, s, _, _ in view], (snap.name, loads, view)
+        for path, mapped in ((snap.save, False), (snap.mapped, True)):
+            with savedir.open(path) as f:
+                mt = f.machine_type
+            assert mt is not None
+            blocks = physmap.ram_blocks(path, mapped_ram=mapped)
+            assert blocks == physmap.ram_blocks(snap.save)
+            ranges, _ = _core._x86_layout(mt, blocks, save=path)
+            assert [(g, s, physmap.leaf(b), o) for g, s, b, o in ranges] == view, (path, ranges, view)
