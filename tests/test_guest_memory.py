@@ -130,8 +130,9 @@ def test_read_phys_many(guest_saves: GuestSaves) -> None:
 def test_unbacked_addresses_are_refused(guest_saves: GuestSaves) -> None:
     with savedir.open(guest_saves.pc.save) as f:
         end = max(r.gpa + r.size for r in f.ram.ranges if r.block == "pc.ram")
-        for gpa, n in ((0xF000_0000, 16), (end - 4096, 8192), (4 * G, 1)):
-            with pytest.raises(savedir.errors.SavedirError, match=rf"(?i)({gpa:#x}|{gpa})"):
+        # (address asked for, first address not backed: either may be named)
+        for gpa, n, bad in ((0xF000_0000, 16, 0xF000_0000), (end - 4096, 8192, end), (4 * G, 1, 4 * G)):
+            with pytest.raises(savedir.errors.SavedirError, match=rf"(?i)({gpa:#x}|{gpa}|{bad:#x}|{bad})\b"):
                 f.ram.read_phys(gpa, n)
 
 
@@ -183,9 +184,11 @@ def test_blocks(guest_saves: GuestSaves, which: str) -> None:
                 continue
             for _, data in dump.chunks(ld):
                 with_data += int(np.frombuffer(data, np.uint8).reshape(-1, 4096).any(axis=1).sum())
-        # pages hidden from the physical view (none on this guest's layout
-        # but the window at 0xa0000 when the firmware left data there)
-        assert nonzero >= with_data
+        covered = sum(r.size for r in ram.ranges if r.block == "pc.ram")
+        if covered == blk.size:  # this guest: no VGA window hides pc.ram
+            assert nonzero == with_data
+        else:
+            assert nonzero >= with_data
         if which == "pc-mapped":
             arr = np.asarray(blk.array()).reshape(-1)
             assert arr.size == blk.size
@@ -283,7 +286,8 @@ def test_cli_ram_table_json_and_read(guest_saves: GuestSaves) -> None:
     r = savedir_cli("ram", str(snap.save), "--json")
     assert r.returncode == 0, r.stderr
     doc = json.loads(r.stdout)
-    assert "pc.ram" in json.dumps(doc) and str(4 * G) in json.dumps(doc)
+    text = json.dumps(doc)
+    assert "pc.ram" in text and (str(4 * G) in text or "0x100000000" in text), text[:2000]
     dump = physmap.Elf(snap.dump)
     gpa = first_magic_gpa(dump, above=4 * G)
     r = savedir_cli("ram", str(snap.save), "--read", hex(gpa), "8192")
