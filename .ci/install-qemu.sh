@@ -56,3 +56,15 @@ if [ ! -x "$old/usr/bin/qemu-system-x86_64" ]; then
   rm -rf "$tmp"
   "$old/usr/bin/qemu-system-x86_64" --version >/dev/null
 fi
+
+# The guest-memory tests (tests/linux_guest.py) build a static /init (gcc,
+# libc6-dev), read ELF headers with readelf (binutils), and boot Debian's
+# cloud kernel, which they fetch with apt-get download: apt must know it.
+need=""
+for p in gcc libc6-dev binutils; do dpkg -s "$p" >/dev/null 2>&1 || need="$need $p"; done
+if [ -n "$need" ]; then
+  $SUDO apt-get update -qq
+  # shellcheck disable=SC2086
+  $SUDO apt-get install -y -qq --no-install-recommends $need >/dev/null
+fi
+apt-cache depends linux-image-cloud-amd64 2>/dev/null | grep -q 'Depends: linux-image-' || $SUDO apt-get update -qq

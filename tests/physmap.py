@@ -12,6 +12,7 @@
 
 from __future__ import annotations
 
+import mmap
 import os
 import re
 import struct
@@ -27,22 +28,29 @@ PathLike = Union[str, "os.PathLike[str]"]
 Range = Tuple[int, int, str, int]
 
 
-def ram_blocks(path: PathLike) -> List[Tuple[str, int]]:
-    """The (idstr, used_length) list of the save's RAM START section."""
+def ram_blocks(path: PathLike, mapped_ram: bool = False) -> List[Tuple[str, int]]:
+    """The (idstr, used_length) list of the save's RAM START section.
+    ``mapped_ram``: the save was made with that capability (each block
+    carries a header, and the list goes on after the block's pages)."""
     with savedir.open(path) as f:
-        start = next(e for e in f.entries if e.kind == "start" and e.name == "ram")
-        data = bytes(start.payload)
-    word = int.from_bytes(data[:8], "big")
-    assert word & 0x3FF == 0x004, f"{path}: RAM START opens with flags {word & 0x3ff:#x}, not MEM_SIZE"
-    total, pos, out = word & ~0x3FF, 8, []
-    while sum(n for _, n in out) < total:
-        n = data[pos]
-        name = data[pos + 1:pos + 1 + n].decode()
-        size = int.from_bytes(data[pos + 1 + n:pos + 9 + n], "big")
-        pos += 9 + n
-        out.append((name, size))
-        # x-ignore-shared / mapped-ram / postcopy hugepage fields are not
-        # used by the saves these helpers read
+        start = next(e for e in f.entries if e.kind == "start" and e.name == "ram").payload_offset
+    with open(path, "rb") as fh, mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ) as data:
+
+        def be(at: int, n: int) -> int:
+            return int.from_bytes(data[at:at + n], "big")
+
+        word = be(start, 8)
+        assert word & 0x3FF == 0x004, f"{path}: RAM START opens with flags {word & 0x3ff:#x}, not MEM_SIZE"
+        total, pos, out = word & ~0x3FF, start + 8, []
+        while sum(n for _, n in out) < total:
+            n = data[pos]
+            name = data[pos + 1:pos + 1 + n].decode()
+            size = be(pos + 1 + n, 8)
+            pos += 9 + n
+            if mapped_ram:  # be32 version, be64 page size, bitmap and pages offsets
+                pages_offset = be(pos + 20, 8)
+                pos = pages_offset + size if pages_offset else pos + 28
+            out.append((name, size))
     return out
 
 

@@ -1,7 +1,7 @@
 //! `savedir._core._x86_layout`: the x86 guest-physical layout rule
 //! ([`crate::format::layout`]) for the tests that check it against QEMU.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 use pyo3::exceptions::PyValueError;
 use pyo3::prelude::*;
@@ -12,7 +12,7 @@ use crate::ops;
 
 /// The PCI configuration spaces of the save at `path` (from its vmdesc and
 /// device sections).
-fn device_facts(path: &PathBuf) -> ops::Result<DeviceFacts> {
+fn device_facts(path: &Path) -> ops::Result<DeviceFacts> {
     ops::open(path, &ops::OpenOptions::default())?.device_facts()
 }
 
