@@ -196,6 +196,20 @@ impl SaveFile {
     /// What the save's device sections say about the guest-physical layout
     /// (the PCI configuration spaces, found through the vmdesc).
     pub fn device_facts(&self) -> Result<layout::DeviceFacts> {
+        // A few small sections and the vmdesc, near the stream's end: no
+        // read-ahead of megabytes around them on a cold file.
+        let from = self.entries.iter().rev().find(|e| e.name.as_deref() == Some("ram")).map_or(0, |e| e.end);
+        if let Some(m) = self.map() {
+            m.advise_range(super::source::Advice::Random, from, self.stream_end);
+        }
+        let facts = self.device_facts_inner();
+        if let Some(m) = self.map() {
+            m.advise_range(super::source::Advice::Normal, from, self.stream_end);
+        }
+        facts
+    }
+
+    fn device_facts_inner(&self) -> Result<layout::DeviceFacts> {
         let Some(json) = self.vmdesc_json()? else {
             return Ok(layout::DeviceFacts::default());
         };
