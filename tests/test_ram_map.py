@@ -34,6 +34,7 @@ def elf_segments(path: Path) -> tuple[int, list[tuple[int, int, int, int]]]:
     """(e_machine, [(p_type, p_offset, p_paddr, p_filesz)]) of an ELF64 core."""
     with open(path, "rb") as f:
         head = f.read(64)
+        assert head[:4] == b"\x7fELF" and head[4] == 2, f"{path}: not an ELF64 file"
         (machine,) = struct.unpack_from("<H", head, 0x12)
         (phoff,) = struct.unpack_from("<Q", head, 0x20)
         phentsize, phnum = struct.unpack_from("<HH", head, 0x36)
@@ -71,19 +72,7 @@ def assert_same_core(ours: Path, qemu: Path) -> None:
 
 def elf_loads(path: Path) -> list[tuple[int, int, int]]:
     """(p_offset, p_paddr, p_filesz) of every PT_LOAD of an ELF64 core."""
-    with open(path, "rb") as f:
-        head = f.read(64)
-        assert head[:4] == b"\x7fELF" and head[4] == 2, f"{path}: not an ELF64 file"
-        (phoff,) = struct.unpack_from("<Q", head, 0x20)
-        phentsize, phnum = struct.unpack_from("<HH", head, 0x36)
-        f.seek(phoff)
-        table = f.read(phentsize * phnum)
-    loads = []
-    for i in range(phnum):
-        p_type, _flags, off, _vaddr, paddr, filesz = struct.unpack_from("<IIQQQQ", table, i * phentsize)
-        if p_type == 1:
-            loads.append((off, paddr, filesz))
-    return loads
+    return [(off, paddr, size) for t, off, paddr, size in elf_segments(path)[1] if t == 1]
 
 
 def pc_ram_pieces(loads: list[tuple[int, int, int]], ram_size: int) -> Iterator[tuple[int, int, int]]:

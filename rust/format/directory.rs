@@ -354,14 +354,18 @@ pub fn decode(v: &View, trailer: Trailer, stream_start: u64) -> Result<Directory
                     ),
                 ));
             }
-            let blob = v.get(ptr, trailer.dir - ptr).ok_or_else(|| {
-                err(ptr, "the RAM page map does not lie in one piece".into())
-            })?;
+            let blob = v
+                .get(ptr, trailer.dir - ptr)
+                .ok_or_else(|| err(ptr, "the RAM page map does not lie in one piece".into()))?;
             let len = super::pagemap::check_blob(&blob, ptr).map_err(|e| err(e.offset, e.message))?;
             if len != trailer.dir - ptr {
                 return Err(err(
                     ptr + 16,
-                    format!("expected the RAM page map to end where the directory begins ({}), found it ends at {}", trailer.dir, ptr + len),
+                    format!(
+                        "expected the RAM page map to end where the directory begins ({}), found it ends at {}",
+                        trailer.dir,
+                        ptr + len
+                    ),
                 ));
             }
             ptr

@@ -106,10 +106,8 @@ pub struct Builder {
 impl Builder {
     /// A builder for blocks of these lengths, in `page_size` pages.
     pub fn new(lengths: &[u64], page_size: u64) -> Self {
-        let blocks = lengths
-            .iter()
-            .map(|&l| BlockBuild { pages: l.div_ceil(page_size), chunks: Default::default() })
-            .collect();
+        let blocks =
+            lengths.iter().map(|&l| BlockBuild { pages: l.div_ceil(page_size), chunks: Default::default() }).collect();
         Builder { blocks, ..Default::default() }
     }
 
@@ -201,17 +199,15 @@ impl Builder {
         if self.gave_up {
             return Err(FormatError::unsupported(
                 0,
-                format!(
-                    "the RAM records are scattered too thinly over the blocks to map ({} records)",
-                    self.records
-                ),
+                format!("the RAM records are scattered too thinly over the blocks to map ({} records)", self.records),
             ));
         }
         let mut out = Vec::with_capacity(self.blocks.len());
         for (b, (id, len, host)) in self.blocks.iter().zip(blocks) {
             let mut m = BlockMap::new(id.clone(), *len, *host);
             let mut runs = RunBuilder::default();
-            let words = b.chunks.iter().flat_map(|(&k, c)| c.iter().enumerate().map(move |(i, &w)| (k * CHUNK + i as u64, w)));
+            let words =
+                b.chunks.iter().flat_map(|(&k, c)| c.iter().enumerate().map(move |(i, &w)| (k * CHUNK + i as u64, w)));
             for (page, w) in words {
                 match w & 3 {
                     W_ZERO => runs.push(page, RunKind::Zero, 0, 0),
@@ -534,7 +530,10 @@ impl PageMap {
                         let offset = get(&mut r)?;
                         let len = get(&mut r)?;
                         if len > u32::MAX as u64 || !within(offset, len) {
-                            return Err(bad(at, format!("block \"{}\": a compressed page lies outside the stream", b.id)));
+                            return Err(bad(
+                                at,
+                                format!("block \"{}\": a compressed page lies outside the stream", b.id),
+                            ));
                         }
                         Base::Zlib { offset, len: len as u32 }
                     }

@@ -190,7 +190,8 @@ pub fn index(path: &Path, opts: &IndexOptions) -> Result<IndexReport> {
     // The RAM page map, then the directory: both after the stream. (Records
     // too scattered to map, which no QEMU stream is, get no map: readers
     // then walk them and say why.)
-    let mut tail = s.ram.as_ref().and_then(|r| r.page_map()).and_then(|m| m.ok()).map(|m| m.encode()).unwrap_or_default();
+    let mut tail =
+        s.ram.as_ref().and_then(|r| r.page_map()).and_then(|m| m.ok()).map(|m| m.encode()).unwrap_or_default();
     let map_len = tail.len() as u64;
     let dir_at = s.end + map_len;
     let map_at = (map_len > 0).then_some(s.end);

@@ -224,14 +224,16 @@ impl SaveFile {
 
     /// Where `ram`'s blocks lie in guest-physical memory, for this save's
     /// machine type (see `format::layout`), and the blocks that lie nowhere.
-    pub fn phys_layout(&self, ram: &GuestRam, opts: &layout::LayoutOptions) -> Result<(Vec<PhysRange>, Vec<layout::Unmapped>)> {
+    pub fn phys_layout(
+        &self,
+        ram: &GuestRam,
+        opts: &layout::LayoutOptions,
+    ) -> Result<(Vec<PhysRange>, Vec<layout::Unmapped>)> {
         let machine = self.machine_type.clone().unwrap_or_default();
         let blocks: Vec<(&str, u64)> = ram.map.blocks.iter().map(|b| (b.id.as_str(), b.used_length)).collect();
         let facts = self.device_facts()?;
-        let l = layout::x86_layout(&machine, &blocks, &facts, opts).map_err(|e| Error::Ram {
-            path: self.path.clone(),
-            message: format!("no guest-physical layout: {e}"),
-        })?;
+        let l = layout::x86_layout(&machine, &blocks, &facts, opts)
+            .map_err(|e| Error::Ram { path: self.path.clone(), message: format!("no guest-physical layout: {e}") })?;
         let mut out = Vec::with_capacity(l.ranges.len());
         for r in l.ranges {
             let block = ram.block_index(&r.block)?;
@@ -325,9 +327,9 @@ impl GuestRam {
 
     fn read_at(&self, src: &dyn ReadAt, off: u64, out: &mut [u8]) -> Result<()> {
         if let Some(all) = src.as_slice() {
-            let s = all.get(off as usize..off as usize + out.len()).ok_or_else(|| {
-                self.err(format!("the page map points past the file's end (offset {off})"))
-            })?;
+            let s = all
+                .get(off as usize..off as usize + out.len())
+                .ok_or_else(|| self.err(format!("the page map points past the file's end (offset {off})")))?;
             out.copy_from_slice(s);
             return Ok(());
         }
@@ -353,7 +355,10 @@ impl GuestRam {
                         let mut z = vec![0u8; len as usize];
                         self.read_at(src, offset, &mut z)?;
                         inflate_page(&z, out).map_err(|m| {
-                            self.err(format!("block \"{}\" page {page}: the compressed page at offset {offset} {m}", blk.id))
+                            self.err(format!(
+                                "block \"{}\" page {page}: the compressed page at offset {offset} {m}",
+                                blk.id
+                            ))
                         })?;
                     }
                 }
@@ -416,9 +421,9 @@ impl GuestRam {
                 (PageWord::Zero, _) => dst.fill(0),
                 (PageWord::Stored(off), Some(all)) => {
                     let off = off as usize;
-                    let s = all.get(off..off + ps).ok_or_else(|| {
-                        self.err(format!("the page map points past the file's end (offset {off})"))
-                    })?;
+                    let s = all
+                        .get(off..off + ps)
+                        .ok_or_else(|| self.err(format!("the page map points past the file's end (offset {off})")))?;
                     dst.copy_from_slice(s);
                 }
                 _ => self.page_into(src, b, *p, dst)?,

@@ -326,7 +326,8 @@ impl Recorder {
             crcs = super::checksum::crc32c_extents(data, &ext, &Meter::off());
         }
         let crcs = self.opts.checksums.then_some(&crcs[..]);
-        let mut tail = s.ram.as_ref().and_then(|r| r.page_map()).and_then(|m| m.ok()).map(|m| m.encode()).unwrap_or_default();
+        let mut tail =
+            s.ram.as_ref().and_then(|r| r.page_map()).and_then(|m| m.ok()).map(|m| m.encode()).unwrap_or_default();
         let map_len = tail.len() as u64;
         let dir_at = s.end + map_len;
         let dir = directory::encode(&s.items, s.eof, dir_at, crcs, (map_len > 0).then_some(s.end));

@@ -102,7 +102,8 @@ pub fn verify_source(
     });
     // Check 2 also reads the RAM page map whole.
     let structure = structure.and_then(|dir| {
-        let map = crate::format::directory::read_page_map(&view, &dir).map_err(|e| super::locate::in_sidecar(src, e))?;
+        let map =
+            crate::format::directory::read_page_map(&view, &dir).map_err(|e| super::locate::in_sidecar(src, e))?;
         Ok((dir, map))
     });
     let res = match structure {
@@ -291,13 +292,18 @@ fn describe_map_difference(stored: &PageMap, derived: &PageMap) -> String {
     }
     for (a, b) in stored.blocks.iter().zip(&derived.blocks) {
         if a.id != b.id || a.used_length != b.used_length {
-            return format!("it has block \"{}\" ({} bytes), the stream \"{}\" ({} bytes)", a.id, a.used_length, b.id, b.used_length);
+            return format!(
+                "it has block \"{}\" ({} bytes), the stream \"{}\" ({} bytes)",
+                a.id, a.used_length, b.id, b.used_length
+            );
         }
         if a != b {
             let pages = a.used_length.div_ceil(stored.page_size);
             let first = (0..pages).find(|&p| a.lookup(p) != b.lookup(p));
             return match first {
-                Some(p) => format!("block \"{}\" page {p}: the map says {:?}, the stream {:?}", a.id, a.lookup(p), b.lookup(p)),
+                Some(p) => {
+                    format!("block \"{}\" page {p}: the map says {:?}, the stream {:?}", a.id, a.lookup(p), b.lookup(p))
+                }
                 None => format!("block \"{}\" is described differently", a.id),
             };
         }

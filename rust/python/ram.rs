@@ -154,7 +154,8 @@ impl RamMap {
     fn write_block(&self, py: Python<'_>, block: usize, path: std::path::PathBuf, progress: bool) -> PyResult<u64> {
         self.check_block(block)?;
         let name = &self.ram.map.blocks[block].id;
-        let meter = crate::ops::Progress::new(progress, format!("{name}: writing"), self.ram.map.blocks[block].used_length);
+        let meter =
+            crate::ops::Progress::new(progress, format!("{name}: writing"), self.ram.map.blocks[block].used_length);
         let r = py.detach(|| {
             self.sequentially(|| crate::ops::dump::write_block(&self.ram, &*self.owner.source, block, &path, &meter))
         });
@@ -230,7 +231,8 @@ impl PhysMap {
     fn new(ram: &RamMap, ranges: Vec<(u64, u64, usize, u64)>) -> PyResult<Self> {
         let mut rs: Vec<PhysRange> = Vec::with_capacity(ranges.len());
         for (gpa, size, block, offset) in ranges {
-            let blk = ram.ram.map.blocks.get(block).ok_or_else(|| PyValueError::new_err(format!("no block {block}")))?;
+            let blk =
+                ram.ram.map.blocks.get(block).ok_or_else(|| PyValueError::new_err(format!("no block {block}")))?;
             if offset.checked_add(size).is_none_or(|e| e > blk.used_length) || gpa.checked_add(size).is_none() {
                 return Err(PyValueError::new_err(format!(
                     "range 0x{gpa:x}+0x{size:x} runs past block \"{}\" ({} bytes)",
