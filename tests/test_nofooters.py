@@ -83,16 +83,26 @@ def make_pair(tmp: Path, machine: str, options: str, args: tuple[str, ...], run_
 def check(tmp: Path, p: Path, twin: Path, setup: sk.Setup) -> None:
     pristine = p.read_bytes()
     want = facts(twin)
-    with savedir.open(p) as f:
-        assert not f.indexed and not f.footers and f.vmdesc is None
-    assert facts(p) == want
     with savedir.open(twin) as f:
         assert state_check.check_decodes(f) > 20
-    r = savedir.index(p)
-    assert r.written and r.entries == len(want)
-    assert p.read_bytes()[: len(pristine)] == pristine
-    assert savedir.verify(p, deep=True).ok
-    assert facts(p) == want
+    try:
+        with savedir.open(p) as f:
+            assert not f.indexed and not f.footers and f.vmdesc is None
+    except savedir.UnsupportedStreamError as e:
+        # A running guest's device data may hold bytes that read as a
+        # section header where a second reading parses to the end: savedir
+        # refuses such a stream rather than guess, and the twin's vmdesc
+        # settles it (checked below).
+        assert "cannot tell which is right" in str(e) and "--vmdesc" in str(e), e
+        ambiguous = True
+    else:
+        ambiguous = False
+        assert facts(p) == want
+        r = savedir.index(p)
+        assert r.written and r.entries == len(want)
+        assert p.read_bytes()[: len(pristine)] == pristine
+        assert savedir.verify(p, deep=True).ok
+        assert facts(p) == want
     # The twin's vmdesc delimits the sections the same way.
     q = tmp / "with-vmdesc.sav"
     q.write_bytes(pristine)
@@ -104,10 +114,11 @@ def check(tmp: Path, p: Path, twin: Path, setup: sk.Setup) -> None:
         desc.write_bytes(bytes(f.vmdesc_json))
     assert facts(q, scan=True, vmdesc=desc) == want
     # QEMU loads the indexed file; strip gives back its bytes.
-    st = sk.load(setup, f"exec:cat {p}")
+    indexed = q if ambiguous else p
+    st = sk.load(setup, f"exec:cat {indexed}")
     assert st["status"] in h.LOADED_STATES, st
-    savedir.strip(p)
-    assert p.read_bytes() == pristine
+    savedir.strip(indexed, vmdesc=twin)
+    assert indexed.read_bytes() == pristine
 
 
 CASES_72 = [
