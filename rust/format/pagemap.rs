@@ -15,8 +15,6 @@
 //! pages up in. A mapped-ram stream needs no stored map: [`PageMap`] is made
 //! from its bitmaps ([`PageMap::from_mapped`]).
 
-use std::sync::Arc;
-
 use super::error::{FormatError, Result};
 use super::reader::Reader;
 
@@ -210,12 +208,12 @@ impl Builder {
                 b.chunks.iter().flat_map(|(&k, c)| c.iter().enumerate().map(move |(i, &w)| (k * CHUNK + i as u64, w)));
             for (page, w) in words {
                 match w & 3 {
-                    W_ZERO => runs.push(page, RunKind::Zero, 0, 0),
-                    W_DATA => runs.push(page, RunKind::Data, w >> 2, page_size),
+                    W_ZERO => runs.push(page, RunKind::Zero, 0),
+                    W_DATA => runs.push(page, RunKind::Data, w >> 2),
                     W_CHAIN => {
                         let idx = m.chains.len() as u64;
                         m.chains.push(self.chains[(w >> 2) as usize].clone());
-                        runs.push(page, RunKind::Chain, idx, 1)
+                        runs.push(page, RunKind::Chain, idx)
                     }
                     _ => {}
                 }
@@ -261,10 +259,8 @@ struct RunBuilder {
 }
 
 impl RunBuilder {
-    /// Adds a page; `stride` is the offset step a data run would need when
-    /// the run has only one page so far (its actual stride is taken from
-    /// the second page).
-    fn push(&mut self, page: u64, kind: RunKind, offset: u64, _hint: u64) {
+    /// Adds a page (a data run's stride is taken from its second page).
+    fn push(&mut self, page: u64, kind: RunKind, offset: u64) {
         if let Some(r) = self.runs.last_mut() {
             if r.kind == kind && r.end() == page {
                 let joins = match kind {
@@ -363,9 +359,9 @@ impl PageMap {
                 for page in 0..len.div_ceil(page_size) {
                     let set = bitmap.get((page / 8) as usize).is_some_and(|b| b >> (page % 8) & 1 == 1);
                     if set {
-                        runs.push(page, RunKind::Data, pages_offset + page * page_size, page_size);
+                        runs.push(page, RunKind::Data, pages_offset + page * page_size);
                     } else {
-                        runs.push(page, RunKind::Zero, 0, 0);
+                        runs.push(page, RunKind::Zero, 0);
                     }
                 }
                 m.runs = runs.finish();
@@ -671,11 +667,6 @@ fn leb(r: &mut Reader) -> Result<u64> {
     }
     Err(FormatError::invalid(r.offset(), "an XBZRLE run length is longer than 3 bytes"))
 }
-
-/// A builder shared between parser snapshots: cloning a parser (to try
-/// another reading of the stream) does not copy the map until one of the
-/// copies changes it.
-pub type SharedBuilder = Arc<Builder>;
 
 #[cfg(test)]
 mod tests {

@@ -3,7 +3,6 @@
 //! records; and the guest-physical view that places blocks at addresses.
 
 use std::borrow::Cow;
-use std::sync::Arc;
 
 use rayon::prelude::*;
 
@@ -452,6 +451,3 @@ fn inflate_page(z: &[u8], out: &mut [u8]) -> std::result::Result<(), String> {
         Err(e) => Err(format!("does not inflate: {e}")),
     }
 }
-
-/// A shared handle, for bindings that keep the map beside the file.
-pub type SharedRam = Arc<GuestRam>;
