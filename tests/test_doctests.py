@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 
 import savedir
+import savedir.catalog
 import savedir.errors
 
 EXAMPLE = Path(__file__).resolve().parent.parent / "examples" / "pc-i440fx.sav"
@@ -18,7 +19,7 @@ EXAMPLE = Path(__file__).resolve().parent.parent / "examples" / "pc-i440fx.sav"
 def _doctests() -> list[doctest.DocTest]:
     finder = doctest.DocTestFinder()
     tests = []
-    for mod in (savedir, savedir.errors):
+    for mod in (savedir, savedir.errors, savedir.catalog):
         tests += [t for t in finder.find(mod) if t.examples]
     return tests
 
@@ -29,6 +30,7 @@ DOCTESTS = _doctests()
 def test_docstrings_have_examples() -> None:
     names = {t.name.split(".")[-1] for t in DOCTESTS}
     assert {"savedir", "index", "verify", "strip", "open", "Section", "vmdesc"} <= names, names
+    assert {"index_many", "verify_many", "open_many", "catalog"} <= names, names
 
 
 @pytest.mark.parametrize("test", DOCTESTS, ids=[t.name for t in DOCTESTS])

@@ -69,10 +69,38 @@ impl Map {
         }
     }
 
+    /// The mapped file (None for an empty file that could not be reopened).
+    pub fn file(&self) -> Option<&File> {
+        self.file.as_ref()
+    }
+
     /// Hints that the whole file will be read front to back.
     pub fn advise_sequential(&self) {
         if let Some(m) = &self.map {
             let _ = m.advise(Advice::Sequential);
+        }
+    }
+
+    /// Takes the pages of bytes `start..end` (`start` page-aligned) out of
+    /// this process's view of the file: they stop counting in its resident
+    /// set, and the page cache may drop them. The bytes stay readable: the
+    /// next read maps them again from the file.
+    pub fn unmap_pages(&self, start: u64, end: u64) {
+        let Some(m) = &self.map else { return };
+        let end = end.min(m.len() as u64);
+        if start >= end {
+            return;
+        }
+        // SAFETY: a range inside our read-only shared mapping of a file.
+        // MADV_DONTNEED drops its page table entries; a later access faults
+        // the same file bytes in again (or zeros past a new end, see
+        // sigbus.rs), so every slice handed out stays valid and unchanged.
+        unsafe {
+            libc::madvise(
+                m.as_ptr().add(start as usize) as *mut libc::c_void,
+                (end - start) as usize,
+                libc::MADV_DONTNEED,
+            );
         }
     }
 }
@@ -103,6 +131,11 @@ impl FileSource {
     pub fn new(path: &Path, file: File) -> Result<Self> {
         let len = file.metadata().map_err(|e| Error::io(path, "stat", e))?.len();
         Ok(FileSource { file, len })
+    }
+
+    /// The open file read.
+    pub fn file(&self) -> &File {
+        &self.file
     }
 
     /// Says how the file changed since it was opened, if it shrank.
