@@ -56,3 +56,9 @@ if [ ! -x "$old/usr/bin/qemu-system-x86_64" ]; then
   rm -rf "$tmp"
   "$old/usr/bin/qemu-system-x86_64" --version >/dev/null
 fi
+
+# Tools the tests use besides QEMU: strace (tests/test_pagecache.py watches
+# which flushes `index` makes) and util-linux's fincore (what is cached).
+if ! command -v strace >/dev/null 2>&1 || ! command -v fincore >/dev/null 2>&1; then
+  $SUDO apt-get install -y -qq --no-install-recommends strace util-linux >/dev/null
+fi

@@ -35,7 +35,7 @@ COLUMNS = (
     ("path", "string"),
     ("file_size", "uint64"),
     ("machine_type", "string"),
-    ("indexed", "bool"),
+    ("indexed", "bool_"),
     ("kind", "string"),
     ("section_id", "uint32"),
     ("name", "string"),

@@ -81,6 +81,21 @@ impl Map {
         }
     }
 
+    /// Takes back any hint: the kernel's usual read-ahead.
+    pub fn advise_normal(&self) {
+        if let Some(m) = &self.map {
+            let _ = m.advise(Advice::Normal);
+        }
+    }
+
+    /// Hints that the file will be read here and there (a header per
+    /// entry): no read-ahead, which would bring back what a scan gave up.
+    pub fn advise_random(&self) {
+        if let Some(m) = &self.map {
+            let _ = m.advise(Advice::Random);
+        }
+    }
+
     /// Takes the pages of bytes `start..end` (`start` page-aligned) out of
     /// this process's view of the file: they stop counting in its resident
     /// set, and the page cache may drop them. The bytes stay readable: the

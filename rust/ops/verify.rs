@@ -65,6 +65,10 @@ pub fn verify(
     let r = super::pool::run(if deep { map.len() } else { 0 }, || {
         verify_source(path, &src, &*map, stream_start, deep, hint, &meter, scan)
     });
+    // The checks after the scan read a header per entry again.
+    if let Some(c) = &mut cache {
+        c.finish(Some(&map));
+    }
     map.check(path, r)
 }
 
@@ -90,6 +94,13 @@ pub fn verify_open(f: &SaveFile, deep: bool, progress: bool) -> Result<VerifyRep
     let r = super::pool::run(if deep { size } else { 0 }, || {
         verify_source(&f.path, &f.dir_source(), &*f.source, f.stream_start, deep, f.hint.as_deref(), &meter, scan)
     });
+    if let Some(c) = &mut cache {
+        c.finish(f.map().map(|m| &**m));
+    }
+    // The views of the open file are read as they were before.
+    if let Some(m) = f.map() {
+        m.advise_normal();
+    }
     f.check_changed()?;
     r
 }
@@ -138,7 +149,11 @@ pub fn verify_source(
             // The long sequential read first: reading one header per entry
             // across a cold file before it would defeat the kernel's
             // read-ahead. Failures are still reported in the checks' order.
+            let map = pages.map;
             let deep_res = deep_check(path, data, &dir, stream_start, hint, meter, pages)?;
+            if let Some(m) = map {
+                m.advise_random();
+            }
             cross_check(src, &view, &dir, stream_start).and(deep_res)
         }
     };
