@@ -102,9 +102,11 @@ def test_fast_path_examples() -> None:
 
 
 def test_fast_path_leaves_the_unusual_to_argparse() -> None:
+    fast = cli._parse_fast(["--version"])
+    assert fast is not None and fast.fn(fast) == 0
     for argv in (
         [],
-        ["--version"],
+        ["--version", "x"],
         ["verify"],
         ["verify", "--help"],
         ["verify", "--dee", "a"],  # an abbreviation argparse accepts

@@ -335,12 +335,18 @@ pub struct Batch {
     coordinator: Option<std::thread::JoinHandle<()>>,
     /// Results that came before their turn (in order).
     early: BTreeMap<u64, FileResult>,
+    /// One file, or one job: done on the thread that asks for the results,
+    /// one at a time, with pools at most this wide inside a file.
+    inline: Option<usize>,
 }
 
 impl Batch {
     /// Starts doing `job` to every file of `paths` (files and folders).
     pub fn start(paths: Vec<PathBuf>, job: Job, opts: BatchOptions) -> Batch {
         let jobs = opts.jobs.max(1);
+        let recursive = opts.recursive;
+        let single = paths.len() == 1 && !std::fs::metadata(&paths[0]).is_ok_and(|m| m.is_dir());
+        let inline = jobs == 1 || single;
         let bar = Progress::new(opts.progress, opts.label.clone(), 0);
         let shared = Arc::new(Shared {
             queue: Mutex::new(Queue { walker: Walker::new(paths.clone(), opts.recursive), next_seq: 0 }),
@@ -348,7 +354,8 @@ impl Batch {
             emitted: AtomicU64::new(0),
             cancelled: AtomicBool::new(false),
             job,
-            ordered: opts.ordered,
+            // Done one at a time, the files come in order anyway.
+            ordered: opts.ordered && !inline,
             meter: Tally {
                 bar,
                 label: opts.label,
@@ -360,9 +367,16 @@ impl Batch {
                 bytes: AtomicU64::new(0),
             },
         });
+        if inline {
+            // No thread to start (but one to count the files for the bar).
+            let counter = shared.meter.bar.enabled().then(|| {
+                let s = shared.clone();
+                std::thread::spawn(move || count(&s, paths, recursive))
+            });
+            return Batch { shared, rx: None, coordinator: counter, early: BTreeMap::new(), inline: Some(jobs) };
+        }
         let (tx, rx) = sync_channel::<FileResult>(2 * jobs);
         let s = shared.clone();
-        let recursive = opts.recursive;
         let coordinator = std::thread::Builder::new().name("savedir-batch".into()).spawn(move || {
             let counter = s.meter.bar.enabled().then(|| {
                 let s = s.clone();
@@ -382,13 +396,11 @@ impl Batch {
                 let _ = c.join();
             }
         });
-        let (rx, coordinator) = match coordinator {
-            Ok(h) => (Some(rx), Some(h)),
-            // No thread for the batch: it yields nothing (the caller is told
-            // by the first result missing; in practice threads can be made).
-            Err(_) => (None, None),
-        };
-        Batch { shared, rx, coordinator, early: BTreeMap::new() }
+        match coordinator {
+            Ok(h) => Batch { shared, rx: Some(rx), coordinator: Some(h), early: BTreeMap::new(), inline: None },
+            // No thread for the batch: its files are done one at a time here.
+            Err(_) => Batch { shared, rx: None, coordinator: None, early: BTreeMap::new(), inline: Some(1) },
+        }
     }
 
     /// The next result (in order, or as they finish); None at the end.
@@ -410,6 +422,12 @@ impl Batch {
     }
 
     fn receive(&mut self, wait: Option<Duration>) -> Next {
+        if let Some(width) = self.inline {
+            return match self.shared.take() {
+                Some((seq, item)) => Next::Result(super::pool::limit(width, || self.shared.run(seq, item))),
+                None => Next::End,
+            };
+        }
         let Some(rx) = self.rx.as_ref() else { return Next::End };
         let recv = |rx: &Receiver<FileResult>| match wait {
             None => rx.recv().map_err(|_| RecvTimeoutError::Disconnected),
@@ -590,6 +608,16 @@ mod tests {
         let mut seqs: Vec<u64> = unordered.iter().map(|r| r.seq).collect();
         seqs.sort();
         assert_eq!(seqs, (0..5).collect::<Vec<_>>());
+        std::fs::remove_dir_all(&d).unwrap();
+    }
+
+    #[test]
+    fn one_job_runs_on_the_calling_thread_in_order() {
+        let d = tree("inline");
+        let paths: Vec<PathBuf> = (0..(ORDER_WINDOW + 50)).map(|_| d.join("a.sav")).collect();
+        let got: Vec<u64> =
+            Batch::start(paths, Job::Open(OpenOptions::default()), opts(1, false, true)).map(|r| r.seq).collect();
+        assert_eq!(got, (0..ORDER_WINDOW + 50).collect::<Vec<_>>());
         std::fs::remove_dir_all(&d).unwrap();
     }
 

@@ -38,10 +38,28 @@ pub fn with_threads<T: Send>(threads: usize, f: impl FnOnce() -> T + Send) -> T 
     }
 }
 
-/// Runs `f`, work on `size` bytes: on a pool as wide as the machine when the
-/// work is large enough to be split, else on the calling thread.
+thread_local! {
+    static WIDTH: std::cell::Cell<Option<usize>> = const { std::cell::Cell::new(None) };
+}
+
+/// Runs `f` with the pools that [`run`] makes in it at most `threads` wide
+/// (1: none, all work on the calling thread).
+pub fn limit<T>(threads: usize, f: impl FnOnce() -> T) -> T {
+    struct Reset(Option<usize>);
+    impl Drop for Reset {
+        fn drop(&mut self) {
+            WIDTH.with(|w| w.set(self.0));
+        }
+    }
+    let _reset = Reset(WIDTH.with(|w| w.replace(Some(threads))));
+    f()
+}
+
+/// Runs `f`, work on `size` bytes: on a pool as wide as the machine (or as
+/// [`limit`] allows) when the work is large enough to be split, else on the
+/// calling thread.
 pub fn run<T: Send>(size: u64, f: impl FnOnce() -> T + Send) -> T {
-    let n = available();
+    let n = WIDTH.with(|w| w.get()).unwrap_or_else(available).min(available());
     if size < PARALLEL_MIN || n < 2 || in_pool() {
         return f();
     }
@@ -60,5 +78,6 @@ mod tests {
         assert_eq!(width, 3);
         assert!(!in_pool());
         assert!(!run(10, in_pool), "small work stays on the calling thread");
+        assert!(!limit(1, || run(PARALLEL_MIN, in_pool)), "a limit of 1 makes no pool");
     }
 }
