@@ -27,6 +27,20 @@ use super::verify::{verify, VerifyReport};
 /// In order, how far ahead of the oldest file not yet handed out a worker
 /// may start one.
 pub const ORDER_WINDOW: u64 = 256;
+/// The same for files opened (`Job::Open`), each of which holds two file
+/// descriptors until it is closed.
+pub const OPEN_ORDER_WINDOW: u64 = 64;
+
+thread_local! {
+    /// The batch the thread works for, whose stop a scan looks at.
+    static STOP: std::cell::RefCell<Option<Arc<Shared>>> = const { std::cell::RefCell::new(None) };
+}
+
+/// True when the batch this thread works for was stopped: a scan in
+/// progress gives up (see [`Batch::close`]).
+pub fn stopping() -> bool {
+    STOP.with(|s| s.borrow().as_ref().is_some_and(|b| b.cancelled.load(Ordering::Relaxed)))
+}
 
 /// What to do with each file.
 #[derive(Clone, Debug)]
@@ -110,7 +124,8 @@ enum Walked {
 /// A path given that is not a folder is visited as it is.
 struct Walker {
     roots: std::vec::IntoIter<PathBuf>,
-    stack: Vec<(PathBuf, ReadDir)>,
+    /// The folders being read, with their device and inode numbers.
+    stack: Vec<(PathBuf, ReadDir, (u64, u64))>,
     recursive: bool,
 }
 
@@ -125,9 +140,19 @@ impl Walker {
     }
 
     fn enter(&mut self, dir: PathBuf) -> Option<Walked> {
+        use std::os::unix::fs::MetadataExt;
+        let id = match std::fs::metadata(&dir) {
+            Ok(md) => (md.dev(), md.ino()),
+            Err(e) => return Some(Walked::Failed(dir, e)),
+        };
+        // A folder inside itself (a bind mount of one of its parents).
+        if self.stack.iter().any(|(_, _, d)| *d == id) {
+            let e = std::io::Error::other("the folder is inside itself (a bind mount of a folder above it)");
+            return Some(Walked::Failed(dir, e));
+        }
         match std::fs::read_dir(&dir) {
             Ok(rd) => {
-                self.stack.push((dir, rd));
+                self.stack.push((dir, rd, id));
                 None
             }
             Err(e) => Some(Walked::Failed(dir, e)),
@@ -140,7 +165,7 @@ impl Iterator for Walker {
 
     fn next(&mut self) -> Option<Walked> {
         loop {
-            if let Some((dir, rd)) = self.stack.last_mut() {
+            if let Some((dir, rd, _)) = self.stack.last_mut() {
                 let entry = match rd.next() {
                     None => {
                         self.stack.pop();
@@ -196,6 +221,22 @@ struct Queue {
     next_seq: u64,
 }
 
+/// Makes [`stopping`] look at one batch while a file of it is done.
+struct StopGuard(Option<Arc<Shared>>);
+
+impl StopGuard {
+    fn set(batch: Arc<Shared>) -> Self {
+        StopGuard(STOP.with(|s| s.borrow_mut().replace(batch)))
+    }
+}
+
+impl Drop for StopGuard {
+    fn drop(&mut self) {
+        let old = self.0.take();
+        STOP.with(|s| *s.borrow_mut() = old);
+    }
+}
+
 /// One bar for the batch: bytes of the files done and in progress against
 /// the bytes of every file (counted by a walk of its own), files done and
 /// failed.
@@ -237,6 +278,8 @@ struct Shared {
     cancelled: AtomicBool,
     job: Job,
     ordered: bool,
+    /// How far ahead of the oldest file not handed out a file may start.
+    window: u64,
     meter: Tally,
 }
 
@@ -252,7 +295,7 @@ impl Shared {
             if self.cancelled.load(Ordering::Acquire) {
                 return None;
             }
-            if self.ordered && q.next_seq - self.emitted.load(Ordering::Acquire) >= ORDER_WINDOW {
+            if self.ordered && q.next_seq - self.emitted.load(Ordering::Acquire) >= self.window {
                 q = self.moved.wait(q).unwrap_or_else(|e| e.into_inner());
                 continue;
             }
@@ -281,6 +324,7 @@ impl Shared {
                             shared.meter.add(at - before);
                         }
                     });
+                    let _stop = StopGuard::set(self.clone());
                     reporting_to(sink, || self.one(&path))
                 };
                 let seen = reached.load(Ordering::Relaxed);
@@ -348,6 +392,7 @@ impl Batch {
         let single = paths.len() == 1 && !std::fs::metadata(&paths[0]).is_ok_and(|m| m.is_dir());
         let inline = jobs == 1 || single;
         let bar = Progress::new(opts.progress, opts.label.clone(), 0);
+        let window = if matches!(job, Job::Open(_)) { OPEN_ORDER_WINDOW } else { ORDER_WINDOW };
         let shared = Arc::new(Shared {
             queue: Mutex::new(Queue { walker: Walker::new(paths.clone(), opts.recursive), next_seq: 0 }),
             moved: Condvar::new(),
@@ -356,6 +401,7 @@ impl Batch {
             job,
             // Done one at a time, the files come in order anyway.
             ordered: opts.ordered && !inline,
+            window,
             meter: Tally {
                 bar,
                 label: opts.label,
@@ -474,8 +520,9 @@ impl Batch {
         Meter(self.shared.clone())
     }
 
-    /// Stops the batch: no new file is started; the files in progress are
-    /// finished, and their threads gone, when this returns.
+    /// Stops the batch: no new file is started, and a scan in progress stops
+    /// (an `index` then writes nothing); the batch's threads are gone when
+    /// this returns.
     pub fn close(&mut self) {
         self.cancel();
         if let Some(h) = self.coordinator.take() {
@@ -618,6 +665,26 @@ mod tests {
         let got: Vec<u64> =
             Batch::start(paths, Job::Open(OpenOptions::default()), opts(1, false, true)).map(|r| r.seq).collect();
         assert_eq!(got, (0..ORDER_WINDOW + 50).collect::<Vec<_>>());
+        std::fs::remove_dir_all(&d).unwrap();
+    }
+
+    #[test]
+    fn a_folder_inside_itself_is_an_error_not_a_loop() {
+        let d = tree("loop");
+        // A bind mount needs root; a tree that meets itself again is what
+        // the walker sees of one, and the check is on device and inode.
+        let mut w = Walker::new(vec![d.clone()], true);
+        let (dev_ino, first) = {
+            use std::os::unix::fs::MetadataExt;
+            let md = std::fs::metadata(&d).unwrap();
+            ((md.dev(), md.ino()), w.next())
+        };
+        assert!(first.is_some());
+        assert!(w.stack.iter().any(|(_, _, id)| *id == dev_ino));
+        match w.enter(d.clone()) {
+            Some(Walked::Failed(p, e)) => assert!(p == d && e.to_string().contains("inside itself"), "{e}"),
+            _ => panic!("entered a folder already being read"),
+        }
         std::fs::remove_dir_all(&d).unwrap();
     }
 

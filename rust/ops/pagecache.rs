@@ -40,6 +40,10 @@ const CHUNK: u64 = 8 << 20;
 /// How far ahead of the reads the cache is noted: more than the kernel's
 /// read-ahead reads at once.
 pub const LOOKAHEAD: u64 = 64 << 20;
+/// Pages are handed back this many bytes at a time: each `madvise` of a
+/// mapping interrupts the process's other threads (their CPUs' TLBs are
+/// flushed), so not after every window.
+const RELEASE_STEP: u64 = 32 << 20;
 /// The file's head and tail, which savedir reads before a scan, noted when
 /// the file is opened.
 const HEAD: u64 = 2 << 20;
@@ -156,7 +160,7 @@ impl PageCache {
     /// cached before.
     pub fn release(&mut self, upto: u64, map: Option<&Map>) {
         let upto = (upto.min(self.len) / self.page) * self.page;
-        if upto <= self.released {
+        if upto < self.released + RELEASE_STEP {
             return;
         }
         let from = self.released;

@@ -9,7 +9,7 @@
 //! a map.
 
 use crate::format::source::{ReadAt, SourceError};
-use crate::format::stream::{self, Item, ParseOptions, Stream, StreamParser, Watch};
+use crate::format::stream::{self, Flow, Item, ParseOptions, Stream, StreamParser, Watch};
 
 use super::checksum::{crc32c_extents, ItemCrcs};
 use super::pagecache::PageCache;
@@ -48,13 +48,17 @@ impl Watch for Watcher<'_, '_> {
         }
     }
 
-    fn window(&mut self, p: &StreamParser, data: &[u8], base: u64, done: u64) {
+    fn window(&mut self, p: &StreamParser, data: &[u8], base: u64, done: u64) -> Flow {
         if let Some(c) = &mut self.crcs {
             c.update(p.items(), p.item_in_progress(), data, base, done);
         }
         if let Some(c) = self.cache.as_deref_mut() {
             c.release(done, self.map);
         }
+        if super::batch::stopping() {
+            return Flow::Break(());
+        }
+        Flow::Continue(())
     }
 }
 

@@ -40,8 +40,29 @@ pub trait Watch {
 
     /// After a window: `data` holds the file's bytes from offset `base`, up
     /// to `done` at least. The parse reads no byte before `done` again, and
-    /// every item that ends before it is final.
-    fn window(&mut self, p: &StreamParser, data: &[u8], base: u64, done: u64);
+    /// every item that ends before it is final. `Break` stops the parse,
+    /// which then fails with an I/O error of kind `Interrupted`.
+    fn window(&mut self, p: &StreamParser, data: &[u8], base: u64, done: u64) -> Flow;
+}
+
+/// What a [`Watch`] says after a window: go on, or stop the parse.
+pub type Flow = std::ops::ControlFlow<()>;
+
+/// The parse stopped because its watch asked, at offset `at`.
+fn stopped(at: u64) -> SourceError {
+    SourceError::Io {
+        offset: at,
+        len: 0,
+        error: std::io::Error::new(std::io::ErrorKind::Interrupted, "the work was stopped"),
+    }
+}
+
+/// Passes the watch's answer on: Err when it says stop.
+fn go(flow: Flow, at: u64) -> std::result::Result<(), SourceError> {
+    match flow {
+        Flow::Continue(()) => Ok(()),
+        Flow::Break(()) => Err(stopped(at)),
+    }
 }
 
 /// Parses the stream that starts at `opts.start` in `src`. `on_bytes`, when
@@ -89,14 +110,18 @@ impl Watch for Bytes<'_> {
     fn bytes(&mut self, at: u64, data: &[u8]) {
         (self.0)(at, data)
     }
-    fn window(&mut self, _: &StreamParser, _: &[u8], _: u64, _: u64) {}
+    fn window(&mut self, _: &StreamParser, _: &[u8], _: u64, _: u64) -> Flow {
+        Flow::Continue(())
+    }
 }
 
 /// Watches nothing.
 struct Quiet;
 
 impl Watch for Quiet {
-    fn window(&mut self, _: &StreamParser, _: &[u8], _: u64, _: u64) {}
+    fn window(&mut self, _: &StreamParser, _: &[u8], _: u64, _: u64) -> Flow {
+        Flow::Continue(())
+    }
 }
 
 /// Calls the progress callback, if any.
@@ -194,7 +219,7 @@ fn drive_slice(
     data: &[u8],
     tick: &mut dyn FnMut(u64),
     watch: &mut dyn Watch,
-) -> std::result::Result<(), FormatError> {
+) -> std::result::Result<(), SourceError> {
     let size = data.len() as u64;
     let mut want = WINDOW as u64;
     // Bytes before `seen` were announced to the watch.
@@ -209,24 +234,23 @@ fn drive_slice(
         let done = p.advance(&data[..to as usize], 0, to == size, Some(&mut *tick))? == Progress::Done;
         let keep = p.keep_from();
         if done {
-            watch.window(p, data, 0, keep.min(size));
-            return Ok(());
+            return go(watch.window(p, data, 0, keep.min(size)), keep.min(size));
         }
         if keep > to {
-            watch.window(p, data, 0, to);
+            go(watch.window(p, data, 0, to), to)?;
             // The stream jumped past the window (a mapped-ram page region).
             if watch.wants_all() {
                 let mut at = to;
                 while at < keep.min(size) {
                     let n = (keep.min(size) - at).min(WINDOW as u64);
                     watch.ahead(at, at + n);
-                    watch.window(p, data, 0, at + n);
+                    go(watch.window(p, data, 0, at + n), at + n)?;
                     at += n;
                 }
             }
             seen = seen.max(keep.min(size));
         } else {
-            watch.window(p, data, 0, keep);
+            go(watch.window(p, data, 0, keep), keep)?;
         }
         // No whole item in a window this large: look further at once.
         want = if p.pos() == from { want.saturating_mul(2) } else { WINDOW as u64 };
@@ -259,12 +283,11 @@ fn drive(
         let last = to == size;
         let end = base + buf.len() as u64;
         if p.advance(&buf, base, last, Some(&mut *tick))? == Progress::Done {
-            watch.window(p, &buf, base, p.keep_from().min(end));
-            return Ok(());
+            return go(watch.window(p, &buf, base, p.keep_from().min(end)), end);
         }
         let keep = p.keep_from();
         if keep >= end {
-            watch.window(p, &buf, base, end);
+            go(watch.window(p, &buf, base, end), end)?;
             // The stream jumped past the window (a mapped-ram page region).
             if want_all {
                 let mut at = end;
@@ -274,7 +297,7 @@ fn drive(
                     watch.ahead(at, at + n as u64);
                     read_into(src, at, &mut chunk[..n])?;
                     watch.bytes(at, &chunk[..n]);
-                    watch.window(p, &chunk[..n], at, at + n as u64);
+                    go(watch.window(p, &chunk[..n], at, at + n as u64), at)?;
                     at += n as u64;
                 }
             }
@@ -282,7 +305,7 @@ fn drive(
             base = keep.min(size);
             want = WINDOW as u64;
         } else {
-            watch.window(p, &buf, base, keep);
+            go(watch.window(p, &buf, base, keep), keep)?;
             let used = (keep - base) as usize;
             // No whole item in a window this large: read more at once.
             want = if used == 0 { want.saturating_mul(2) } else { WINDOW as u64 };

@@ -490,7 +490,7 @@ mod configuration;
 pub use configuration::{read_machine_type, MACHINE_TYPE_MAX};
 mod devices;
 mod drive;
-pub use drive::{parse_source, parse_watched, Watch, WINDOW};
+pub use drive::{parse_source, parse_watched, Flow, Watch, WINDOW};
 mod items;
 mod window;
 use window::Win;
