@@ -153,6 +153,13 @@ def test_catalog_errors(fleet: Tuple[Path, List[Path]], tmp_path: Path) -> None:
     r = subprocess.run([sys.executable, "-c", code, "catalog", "-o", str(tmp_path / "x.jsonl"), str(paths[0])],
                        capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr
+    # A catalog written into a folder it catalogs is not one of its files.
+    inside = paths[0].parent / "fleet.jsonl"
+    for _ in range(2):
+        r = _run("catalog", "-o", str(inside), str(paths[0].parent))
+        assert r.returncode == 0, r.stderr
+        assert "fleet.jsonl" not in r.stderr and {json.loads(line)["path"] for line in inside.read_text().splitlines()} \
+            == {str(p) for p in paths[0].parent.iterdir() if p.suffix == ".sav"}
     # Missing files: no rows, exit 2.
     r = _run("catalog", "-o", str(tmp_path / "y.jsonl"), str(paths[0]), str(tmp_path / "missing.sav"))
     assert r.returncode == 2 and "missing.sav: cannot open" in r.stderr

@@ -95,13 +95,17 @@ def _batches(
     summary: Summary,
     on_result: Optional[Callable[[savedir.BatchResult], None]],
     progress: bool,
+    skip: tuple[str, ...] = (),
     **options: Any,
 ) -> Iterator[list[dict[str, Any]]]:
     from savedir.cli import result_status
 
+    skip = tuple(os.path.realpath(p) for p in skip)
     batch = savedir.open_many(paths, ordered=True, progress=progress, **options)
     with batch:
         for r in batch:
+            if skip and os.path.realpath(r.path) in skip:
+                continue  # the catalog itself, in a folder it catalogs
             summary.files += 1
             summary.status = max(summary.status, result_status(r))
             if on_result is not None:
@@ -162,8 +166,8 @@ def write(
         raise CatalogError(f"{out}: the catalog is written as FILE.parquet or FILE.jsonl")
     summary = Summary()
     opts = dict(jobs=jobs, recursive=recursive, scan=scan, offset=offset, wait=wait, vmdesc=vmdesc)
-    batches = _batches(paths, summary, on_result, progress, **opts)
     tmp = f"{out}.tmp{os.getpid()}"
+    batches = _batches(paths, summary, on_result, progress, (out, tmp), **opts)
     try:
         if fmt == "parquet":
             _write_parquet(tmp, batches)
