@@ -95,6 +95,7 @@ def _batches(
     summary: Summary,
     on_result: Optional[Callable[[savedir.BatchResult], None]],
     progress: bool,
+    *,
     skip: tuple[str, ...] = (),
     **options: Any,
 ) -> Iterator[list[dict[str, Any]]]:
@@ -135,7 +136,7 @@ def rows(
     """Every row of the catalog of ``paths`` (files and folders), file by
     file in the order given; files that cannot be read give none."""
     summary = Summary()
-    opts = dict(jobs=jobs, recursive=recursive, scan=scan, offset=offset, wait=wait, vmdesc=vmdesc)
+    opts: dict[str, Any] = dict(jobs=jobs, recursive=recursive, scan=scan, offset=offset, wait=wait, vmdesc=vmdesc)
     for batch in _batches(paths, summary, None, False, **opts):
         yield from batch
 
@@ -165,9 +166,9 @@ def write(
     if fmt not in ("parquet", "jsonl"):
         raise CatalogError(f"{out}: the catalog is written as FILE.parquet or FILE.jsonl")
     summary = Summary()
-    opts = dict(jobs=jobs, recursive=recursive, scan=scan, offset=offset, wait=wait, vmdesc=vmdesc)
+    opts: dict[str, Any] = dict(jobs=jobs, recursive=recursive, scan=scan, offset=offset, wait=wait, vmdesc=vmdesc)
     tmp = f"{out}.tmp{os.getpid()}"
-    batches = _batches(paths, summary, on_result, progress, (out, tmp), **opts)
+    batches = _batches(paths, summary, on_result, progress, skip=(out, tmp), **opts)
     try:
         if fmt == "parquet":
             _write_parquet(tmp, batches)
