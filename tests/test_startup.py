@@ -150,3 +150,31 @@ def test_every_command_is_in_the_parser() -> None:
     assert set(sub.choices) == names  # type: ignore[arg-type]
     assert {"index", "verify", "ls", "catalog"} <= names
     assert savedir.__version__
+
+
+def test_a_new_command_is_one_entry_of_the_table(monkeypatch: Any) -> None:
+    """How the other commands join: a Command in COMMANDS, its handler
+    imported when it runs; options with choices stay on the fast path, and
+    a command that needs more of argparse (``extra``) is parsed by it."""
+
+    def probe(a: Any) -> int:
+        return 5 if a.level == 2 else 6
+
+    def extra(sp: Any) -> None:
+        sp.add_argument("--mode", choices=["a", "b"], default="a")
+
+    table = [
+        *cli.COMMANDS,
+        cli.Command("probe", "a command of a test", probe, args=[cli.Arg("file", "FILE")],
+                    options=[cli.Opt("--level", value=int, choices=[1, 2], help="how much")]),
+        cli.Command("probe2", "another", "savedir.cli:_version", extra=extra),
+    ]
+    monkeypatch.setattr(cli, "COMMANDS", table)
+    fast = cli._parse_fast(["probe", "x", "--level", "2"])
+    assert fast is not None
+    _same(fast, _argparse(["probe", "x", "--level", "2"]))
+    assert cli.main(["probe", "x", "--level", "2"]) == 5
+    assert cli._parse_fast(["probe", "x", "--level", "3"]) is None and _argparse(["probe", "x", "--level", "3"]) is None
+    assert cli._parse_fast(["probe2", "--mode", "b"]) is None
+    ns = _argparse(["probe2", "--mode", "b"])
+    assert ns.mode == "b" and ns.fn.function() is cli._version

@@ -12,7 +12,8 @@ imported when it runs.
 
 Adding a subcommand is one entry: ``Command(name, help, handler, args=...,
 options=...)``, the handler a function of this module or a
-``"module:function"`` string imported only when the command runs.
+``"module:function"`` string imported only when the command runs (see
+:class:`Command`, :class:`Arg`, :class:`Opt`).
 """
 
 from __future__ import annotations
@@ -370,10 +371,12 @@ def cmd_strip(a: Any) -> int:
 
 
 class Opt:
-    """One option: ``value`` None for a flag (store_true), else the type of
-    its value (``str`` or ``int``)."""
+    """One option: ``value`` None for a flag (store_true), else the function
+    that reads its value (``str``, ``int`` ...: a ValueError refuses it),
+    with its allowed ``choices`` if any. Its name in the parsed arguments is
+    its first long flag's, dashes made underscores."""
 
-    __slots__ = ("flags", "dest", "help", "value", "metavar", "default")
+    __slots__ = ("flags", "dest", "help", "value", "metavar", "default", "choices")
 
     def __init__(
         self,
@@ -382,6 +385,7 @@ class Opt:
         value: Optional[Callable[[str], Any]] = None,
         metavar: Optional[str] = None,
         default: Any = None,
+        choices: Optional[Sequence[Any]] = None,
     ) -> None:
         self.flags = flags
         long = next((f for f in flags if f.startswith("--")), flags[0])
@@ -390,6 +394,7 @@ class Opt:
         self.value = value
         self.metavar = metavar
         self.default = False if value is None else default
+        self.choices = choices
 
 
 class Arg:
@@ -402,7 +407,14 @@ class Arg:
 
 
 class Command:
-    __slots__ = ("name", "help", "handler", "args", "options", "offset")
+    """A subcommand: its name and help, the function that runs it (given the
+    parsed arguments, returns the exit status), its positional arguments and
+    options; ``offset`` adds ``--offset`` and ``--vmdesc`` (every command has
+    ``--wait``). ``extra``, when given, adds arguments to the command's
+    argparse parser that the table cannot say; such a command is always
+    parsed by argparse."""
+
+    __slots__ = ("name", "help", "handler", "args", "options", "offset", "extra")
 
     def __init__(
         self,
@@ -412,9 +424,10 @@ class Command:
         args: Sequence[Arg] = (),
         options: Sequence[Opt] = (),
         offset: bool = True,
+        extra: Optional[Callable[[argparse.ArgumentParser], None]] = None,
     ) -> None:
         self.name, self.help, self.handler = name, help, handler
-        self.args, self.options, self.offset = tuple(args), tuple(options), offset
+        self.args, self.options, self.offset, self.extra = tuple(args), tuple(options), offset, extra
 
     def all_options(self) -> tuple[Opt, ...]:
         common = [WAIT] + ([OFFSET, VMDESC] if self.offset else [])
@@ -585,7 +598,7 @@ def _parse_fast(argv: Sequence[str]) -> Optional[_Args]:
     if list(argv) == ["--version"]:
         return _Args(command=None, fn=_version)
     cmd = next((c for c in COMMANDS if c.name == argv[0]), None)
-    if cmd is None:
+    if cmd is None or cmd.extra is not None:
         return None
     opts = cmd.all_options()
     by_flag = {f: o for o in opts for f in o.flags}
@@ -621,6 +634,8 @@ def _parse_fast(argv: Sequence[str]) -> Optional[_Args]:
             try:
                 values[o.dest] = o.value(text)
             except ValueError:
+                return None
+            if o.choices is not None and values[o.dest] not in o.choices:
                 return None
             continue
         if block == 2:
@@ -672,9 +687,13 @@ def build_parser() -> argparse.ArgumentParser:
                 kw.update(type=o.value, default=o.default)
                 if o.metavar:
                     kw["metavar"] = o.metavar
+                if o.choices is not None:
+                    kw["choices"] = o.choices
             if (c.name, o.dest) in REQUIRED:
                 kw["required"] = True
             sp.add_argument(*o.flags, **kw)
+        if c.extra is not None:
+            c.extra(sp)
     return p
 
 
