@@ -147,6 +147,18 @@ def test_a_half_cached_file_keeps_its_half(big: Path) -> None:
         assert half <= after <= half + SLACK, (args, half, after, pages(big))
 
 
+@pytest.mark.parametrize("command", [["verify"], ["ls"]], ids=lambda c: c[0])
+def test_checks_through_the_directory_read_a_page_per_header(command: List[str], big: Path) -> None:
+    """verify (not deep) and ls of an indexed file read its tail, its
+    directory and a header per entry: a page each, not what read-ahead
+    would bring around each (megabytes)."""
+    run("index", str(big))
+    entries = len(savedir.open(big).entries)
+    drop(big)
+    run(*command, str(big))
+    assert fincore(big) <= 2 * entries + SLACK, (fincore(big), entries)
+
+
 def test_positioned_reads_and_mappings_alike(big: Path) -> None:
     """A file opened with mmap=False is read by pread: the same promise."""
     code = "import sys, savedir\nf = savedir.open(sys.argv[1], scan=True, mmap=sys.argv[2] == 'map')\nprint(len(f.entries))\n"

@@ -123,6 +123,8 @@ pub fn index(path: &Path, opts: &IndexOptions) -> Result<IndexReport> {
     let mut cache = file.metadata().ok().and_then(|md| PageCache::new(&file, md.len()));
     // Mapped after the lock: another writer may have changed the file meanwhile.
     let map = map_file(path, &file)?;
+    // No read-ahead around the head and the tail, read first.
+    map.advise_random();
     let data = map.bytes();
     let located = locate(path, &View::appended(&*map), opts.offset)?;
     let stream_start = located.stream_start;

@@ -127,8 +127,17 @@ pub fn open(path: &Path, opts: &OpenOptions) -> Result<SaveFile> {
         let f = Arc::new(FileSource::new(path, file)?);
         (Arc::new(Cached::new(f.clone())), Backing::File(f))
     };
+    // The head, the tail, the directory and a header per entry: no
+    // read-ahead around them (megabytes for each header of a file not
+    // cached). A scan reads ahead; the file's views read as usual after.
+    if let Backing::Map(m) = &backing {
+        m.advise_random();
+    }
     let dir = if opts.scan { None } else { find_directory(path, &*source)? };
     let mut f = open_with(path, source, backing, dir, opts, cache)?;
+    if let Some(m) = f.map() {
+        m.advise_normal();
+    }
     f.lock = Some(lock);
     f.check_changed()?;
     Ok(f)
@@ -225,6 +234,9 @@ impl SaveFile {
         popts.progress = Some(&mut tick);
         popts.vmdesc = self.hint.as_deref();
         super::testhook::pause_file("scan:start", &self.path);
+        if let Some(m) = self.map() {
+            m.advise_sequential();
+        }
         let scan = Scan { src: &*self.source, map: self.map().map(|m| &**m), cache: cache.as_mut() };
         let s = scan.run(popts, false).map(|s| s.stream).map_err(|e| Error::source(&self.path, e));
         let s = self.changed_error().map_or(s, Err)?;

@@ -46,6 +46,9 @@ pub fn verify(
     let mut cache =
         if deep { lock.file().metadata().ok().and_then(|md| PageCache::new(lock.file(), md.len())) } else { None };
     let map = map_file(path, lock.file())?;
+    // The head, the tail and a header per entry: no read-ahead around them
+    // (it would read megabytes for each header of a file not cached).
+    map.advise_random();
     let located = locate(path, &View::appended(&*map), offset);
     let src = find_directory(path, &*map)?;
     let stream_start = match (located, &src) {
