@@ -55,7 +55,7 @@ pub enum Job {
 pub enum Done {
     Index(IndexReport),
     Verify(VerifyReport),
-    Open(SaveFile),
+    Open(Box<SaveFile>),
 }
 
 impl Done {
@@ -347,7 +347,7 @@ impl Shared {
             Job::Verify { deep, offset, wait, vmdesc } => {
                 verify(path, *deep, false, *offset, *wait, vmdesc.as_deref()).map(Done::Verify)
             }
-            Job::Open(o) => open(path, o).map(Done::Open),
+            Job::Open(o) => open(path, o).map(|f| Done::Open(Box::new(f))),
         }
     }
 }

@@ -128,7 +128,7 @@ impl Batch {
                     Done::Index(r) => (entries, None, Some(Py::new(py, IndexResult::from(r))?.into_any()), None),
                     Done::Verify(r) => (entries, None, Some(Py::new(py, VerifyResult::from(r))?.into_any()), None),
                     Done::Open(f) => {
-                        let opened = Py::new(py, Opened { f: Mutex::new(Some(f)) })?;
+                        let opened = Py::new(py, Opened { f: Mutex::new(Some(*f)) })?;
                         let file = match &self.file_class {
                             Some(cls) => cls.call1(py, (opened,))?,
                             None => opened.into_any(),
