@@ -158,7 +158,7 @@ pub fn index(path: &Path, opts: &IndexOptions) -> Result<IndexReport> {
         }
     }
 
-    map.advise_sequential();
+    map.advise_scan();
     let meter = Progress::new(opts.progress, format!("{}: indexing", path.display()), map.len());
     super::testhook::pause_file("scan:start", path);
     let scanned = super::pool::run(map.len(), || {

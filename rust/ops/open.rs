@@ -235,7 +235,7 @@ impl SaveFile {
         popts.vmdesc = self.hint.as_deref();
         super::testhook::pause_file("scan:start", &self.path);
         if let Some(m) = self.map() {
-            m.advise_sequential();
+            m.advise_scan();
         }
         let scan = Scan { src: &*self.source, map: self.map().map(|m| &**m), cache: cache.as_mut() };
         let s = scan.run(popts, false).map(|s| s.stream).map_err(|e| Error::source(&self.path, e));

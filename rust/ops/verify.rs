@@ -61,7 +61,7 @@ pub fn verify(
     };
     let src = src.unwrap_or_default();
     if deep {
-        map.advise_sequential();
+        map.advise_scan();
     }
     let meter = Progress::new(progress && deep, format!("{}: verifying", path.display()), map.len());
     let scan = Pages { map: Some(&map), cache: cache.as_mut() };
