@@ -151,6 +151,21 @@ impl FileSource {
         Ok(FileSource { file, len })
     }
 
+    /// Positioned reads of `file` for reading it here and there (its tail,
+    /// a header per entry): on an open file of its own (the same file,
+    /// through /proc/self/fd), told to read no more than asked, so that it
+    /// neither reads megabytes around each header nor changes how `file`
+    /// and its mappings read ahead. None where that cannot be had.
+    pub fn for_checks(path: &Path, file: &File) -> Option<Self> {
+        use std::os::fd::AsRawFd;
+        let own = File::open(format!("/proc/self/fd/{}", file.as_raw_fd())).ok()?;
+        // SAFETY: advice on our own open file; errors change nothing.
+        unsafe {
+            libc::posix_fadvise(own.as_raw_fd(), 0, 0, libc::POSIX_FADV_RANDOM);
+        }
+        FileSource::new(path, own).ok()
+    }
+
     /// The open file read.
     pub fn file(&self) -> &File {
         &self.file

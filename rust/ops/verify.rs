@@ -4,7 +4,7 @@ use std::path::{Path, PathBuf};
 
 use crate::format::directory::{Check, CheckError, Directory, View};
 use crate::format::error::FormatError;
-use crate::format::source::{Limit, ReadAt, SourceError};
+use crate::format::source::{Cached, Limit, ReadAt, SourceError};
 use crate::format::stream::{describe, ParseOptions};
 use crate::format::vmdesc::Vmdesc;
 
@@ -14,7 +14,7 @@ use super::open::{Backing, SaveFile};
 use super::pagecache::PageCache;
 use super::progress::Progress;
 use super::scan::Scan;
-use super::source::{map_file, open_locked, Map};
+use super::source::{map_file, open_locked, FileSource, Map};
 
 /// The outcome of verifying one file.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -64,7 +64,8 @@ pub fn verify(
         map.advise_scan();
     }
     let meter = Progress::new(progress && deep, format!("{}: verifying", path.display()), map.len());
-    let scan = Pages { map: Some(&map), cache: cache.as_mut() };
+    let reads = FileSource::for_checks(path, lock.file()).map(Cached::new);
+    let scan = Pages { map: Some(&map), cache: cache.as_mut(), checks: reads.as_ref().map(|r| r as &dyn ReadAt) };
     let r = super::pool::run(if deep { map.len() } else { 0 }, || {
         verify_source(path, &src, &*map, stream_start, deep, hint, &meter, scan)
     });
@@ -76,11 +77,14 @@ pub fn verify(
 }
 
 /// The pages a deep check reads: the mapping it reads them through, and
-/// what the page cache held before (see `pagecache.rs`).
+/// what the page cache held before (see `pagecache.rs`); and where the other
+/// checks read (by positioned reads: a mapped file maps a whole folio of the
+/// page cache, up to 2 MiB, for each header read, in the resident set).
 #[derive(Default)]
 pub struct Pages<'a> {
     pub map: Option<&'a Map>,
     pub cache: Option<&'a mut PageCache>,
+    pub checks: Option<&'a dyn ReadAt>,
 }
 
 /// Verifies a file that is open already.
@@ -93,7 +97,7 @@ pub fn verify_open(f: &SaveFile, deep: bool, progress: bool) -> Result<VerifyRep
         Backing::Other => None,
     };
     let mut cache = file.filter(|_| deep).and_then(|file| PageCache::new(file, size));
-    let scan = Pages { map: f.map().map(|m| &**m), cache: cache.as_mut() };
+    let scan = Pages { map: f.map().map(|m| &**m), cache: cache.as_mut(), checks: None };
     let r = super::pool::run(if deep { size } else { 0 }, || {
         verify_source(&f.path, &f.dir_source(), &*f.source, f.stream_start, deep, f.hint.as_deref(), &meter, scan)
     });
@@ -134,7 +138,7 @@ pub fn verify_source(
     pages: Pages<'_>,
 ) -> Result<VerifyReport> {
     let mut entries = 0;
-    let view = src.view(data);
+    let view = src.view(pages.checks.unwrap_or(data));
     let structure = check_structure(src, &view, stream_start).map_err(|mut e| {
         if e.check == Check::Trailer && src.sidecar.is_none() {
             e.message = format!("no section directory: {}", e.message);
@@ -152,11 +156,7 @@ pub fn verify_source(
             // The long sequential read first: reading one header per entry
             // across a cold file before it would defeat the kernel's
             // read-ahead. Failures are still reported in the checks' order.
-            let map = pages.map;
             let deep_res = deep_check(path, data, &dir, stream_start, hint, meter, pages)?;
-            if let Some(m) = map {
-                m.advise_random();
-            }
             cross_check(src, &view, &dir, stream_start).and(deep_res)
         }
     };
