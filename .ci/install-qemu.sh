@@ -57,11 +57,14 @@ if [ ! -x "$old/usr/bin/qemu-system-x86_64" ]; then
   "$old/usr/bin/qemu-system-x86_64" --version >/dev/null
 fi
 
-# The guest-memory tests (tests/linux_guest.py) build a static /init (gcc,
-# libc6-dev), read ELF headers with readelf (binutils), and boot Debian's
-# cloud kernel, which they fetch with apt-get download: apt must know it.
+# Tools the tests use besides QEMU. The guest-memory tests
+# (tests/linux_guest.py) build a static /init (gcc, libc6-dev), read ELF
+# headers with readelf (binutils), and boot Debian's cloud kernel, which they
+# fetch with apt-get download: apt must know it. tests/test_pagecache.py
+# watches which flushes `index` makes (strace) and what is cached
+# (util-linux's fincore).
 need=""
-for p in gcc libc6-dev binutils; do dpkg -s "$p" >/dev/null 2>&1 || need="$need $p"; done
+for p in gcc libc6-dev binutils strace util-linux; do dpkg -s "$p" >/dev/null 2>&1 || need="$need $p"; done
 if [ -n "$need" ]; then
   $SUDO apt-get update -qq
   # shellcheck disable=SC2086

@@ -643,6 +643,11 @@ def test_not_a_stream_cli(foreign: dict[str, Path], kind: str, command: list[str
     if "@" not in command:
         argv.append(str(p))
     r = subprocess.run(["savedir", *argv], capture_output=True, text=True, timeout=QUICK, stdin=subprocess.DEVNULL, check=False)
+    if kind == "directory" and command[0] in ("ls", "index", "verify"):
+        # These take folders: the files in it are done (none here).
+        assert (r.returncode, r.stdout, r.stderr) == (0, "", ""), (argv, r)
+        assert _snapshot(p) == before
+        return
     assert r.returncode == 1, (argv, r.returncode, r.stdout, r.stderr)
     assert "Traceback" not in r.stderr
     assert str(p) in (r.stderr + r.stdout), (argv, r.stdout, r.stderr)

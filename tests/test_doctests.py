@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 
 import savedir
+import savedir.catalog
 import savedir.errors
 import savedir.ram
 
@@ -19,7 +20,7 @@ EXAMPLE = Path(__file__).resolve().parent.parent / "examples" / "pc-i440fx.sav"
 def _doctests() -> list[doctest.DocTest]:
     finder = doctest.DocTestFinder()
     tests = []
-    for mod in (savedir, savedir.errors, savedir.ram):
+    for mod in (savedir, savedir.errors, savedir.ram, savedir.catalog):
         tests += [t for t in finder.find(mod) if t.examples]
     return tests
 
@@ -30,6 +31,7 @@ DOCTESTS = _doctests()
 def test_docstrings_have_examples() -> None:
     names = {t.name.split(".")[-1] for t in DOCTESTS}
     assert {"savedir", "index", "verify", "strip", "open", "Section", "vmdesc", "ram", "Ram", "RamBlock"} <= names, names
+    assert {"index_many", "verify_many", "open_many", "catalog"} <= names, names
 
 
 @pytest.mark.parametrize("test", DOCTESTS, ids=[t.name for t in DOCTESTS])

@@ -18,17 +18,14 @@ True
 
 from __future__ import annotations
 
+# Only what every command needs is imported here (the command line starts
+# with this module): `io` and `os` are loaded by Python itself, and typing
+# names are read by type checkers only.
 import io
-import json
 import os
-from typing import TYPE_CHECKING, Any, Iterator, Optional, Union
 
 from savedir import _core
-
-if TYPE_CHECKING:
-    from savedir.ram import Ram
-from savedir._core import Entry, IndexResult, RecordResult, StripResult, VerifyResult
-from savedir._state import Cpu, Diff, FieldDiff, SectionDiff, SectionState, Segment, State, make_diff as _make_diff
+from savedir._core import Batch, BatchResult, Entry, IndexResult, RecordResult, StripResult, VerifyResult
 from savedir.errors import (
     DirectoryError,
     FileChangedError,
@@ -43,6 +40,16 @@ from savedir.errors import (
     UnsupportedStreamError,
 )
 
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from typing import Any, Iterable, Iterator, Optional, Union
+
+    from savedir._state import Cpu, Diff, SectionState, State
+    from savedir.ram import Ram
+
+    PathLike = Union[str, os.PathLike[str]]
+    Paths = Union[PathLike, Iterable[PathLike]]
+
 __version__: str = _core.__version__
 
 __all__ = [
@@ -51,6 +58,11 @@ __all__ = [
     "verify",
     "strip",
     "record",
+    "index_many",
+    "verify_many",
+    "open_many",
+    "Batch",
+    "BatchResult",
     "Recorder",
     "diff",
     "SaveFile",
@@ -80,7 +92,28 @@ __all__ = [
     "FileLockedError",
 ]
 
-PathLike = Union[str, "os.PathLike[str]"]
+#: Names loaded on first use (their modules import what a plain command
+#: does not need).
+_LAZY = {
+    "State": "savedir._state",
+    "SectionState": "savedir._state",
+    "Cpu": "savedir._state",
+    "Segment": "savedir._state",
+    "Diff": "savedir._state",
+    "SectionDiff": "savedir._state",
+    "FieldDiff": "savedir._state",
+}
+
+
+def __getattr__(name: str) -> Any:
+    mod = _LAZY.get(name)
+    if mod is None:
+        raise AttributeError(f"module 'savedir' has no attribute {name!r}")
+    import importlib
+
+    value = getattr(importlib.import_module(mod), name)
+    globals()[name] = value
+    return value
 
 
 def _fspath(p: Optional[PathLike]) -> Optional[str]:
@@ -291,6 +324,131 @@ def strip(
     return _core.strip(os.fspath(path), force=force, offset=offset, wait=wait, vmdesc=_fspath(vmdesc))
 
 
+def _paths(paths: Paths) -> list[str]:
+    if isinstance(paths, (str, os.PathLike)):
+        return [os.fspath(paths)]
+    return [os.fspath(p) for p in paths]
+
+
+def index_many(
+    paths: Paths,
+    *,
+    jobs: Optional[int] = None,
+    recursive: bool = False,
+    ordered: bool = False,
+    progress: bool = False,
+    force: bool = False,
+    checksums: bool = True,
+    sidecar: bool = False,
+    offset: Optional[int] = None,
+    wait: bool = False,
+    vmdesc: Optional[PathLike] = None,
+    ram_map: bool = True,
+) -> Batch:
+    """Indexes many files at once: :func:`index` on each file of ``paths``
+    (files, and folders: their files, with ``recursive`` those of their
+    subfolders too), ``jobs`` at a time (default: one per CPU) on threads
+    in Rust, with the GIL released.
+
+    Returns a :class:`Batch`, an iterator of one :class:`BatchResult` per
+    file, as each finishes (with ``ordered``, in the order of ``paths`` and of
+    the folders' listings). A file that fails does not stop the others: its
+    result holds the exception (``error``) instead. ``progress`` draws one
+    bar on stderr for the whole batch. Memory stays bounded whatever the
+    number of files. The options are :func:`index`'s.
+
+    >>> for r in index_many(["vm.sav", "missing.sav"], ordered=True):
+    ...     r.path, r.ok, type(r.error).__name__, r.entries > 10
+    ('vm.sav', True, 'NoneType', True)
+    ('missing.sav', False, 'FileNotFoundError', False)
+    """
+    return _core.index_many(
+        _paths(paths),
+        jobs=jobs,
+        recursive=recursive,
+        ordered=ordered,
+        progress=progress,
+        force=force,
+        checksums=checksums,
+        sidecar=sidecar,
+        offset=offset,
+        wait=wait,
+        vmdesc=_fspath(vmdesc),
+        ram_map=ram_map,
+    )
+
+
+def verify_many(
+    paths: Paths,
+    *,
+    jobs: Optional[int] = None,
+    recursive: bool = False,
+    ordered: bool = False,
+    progress: bool = False,
+    deep: bool = False,
+    offset: Optional[int] = None,
+    wait: bool = False,
+    vmdesc: Optional[PathLike] = None,
+) -> Batch:
+    """Verifies many files at once: :func:`verify` on each file of
+    ``paths``, as :func:`index_many` does. A result's ``result`` is the
+    :class:`VerifyResult`; ``ok`` is True for a valid file.
+
+    >>> _ = index("vm.sav")
+    >>> [(r.path, r.ok, r.result.check) for r in verify_many(["vm.sav"], deep=True)]
+    [('vm.sav', True, None)]
+    """
+    return _core.verify_many(
+        _paths(paths),
+        jobs=jobs,
+        recursive=recursive,
+        ordered=ordered,
+        progress=progress,
+        deep=deep,
+        offset=offset,
+        wait=wait,
+        vmdesc=_fspath(vmdesc),
+    )
+
+
+def open_many(
+    paths: Paths,
+    *,
+    jobs: Optional[int] = None,
+    recursive: bool = False,
+    ordered: bool = False,
+    progress: bool = False,
+    scan: bool = False,
+    offset: Optional[int] = None,
+    mmap: bool = True,
+    wait: bool = False,
+    vmdesc: Optional[PathLike] = None,
+) -> Batch:
+    """Opens many files at once: :func:`open` on each file of ``paths``, as
+    :func:`index_many` does (files without a directory are parsed on the
+    batch's threads). A result's ``file`` is the open :class:`SaveFile`,
+    which holds its file's lock until it is closed.
+
+    >>> for r in open_many(["vm.sav"]):
+    ...     with r.file as f:
+    ...         f.machine_type.startswith("pc-"), len(f.entries) == r.entries
+    (True, True)
+    """
+    return _core.open_many(
+        _paths(paths),
+        SaveFile,
+        jobs=jobs,
+        recursive=recursive,
+        ordered=ordered,
+        progress=progress,
+        scan=scan,
+        offset=offset,
+        mmap=mmap,
+        wait=wait,
+        vmdesc=_fspath(vmdesc),
+    )
+
+
 def open(  # noqa: A001
     source: Union[PathLike, Any],
     *,
@@ -347,7 +505,9 @@ def diff(a: Union[PathLike, "SaveFile"], b: Union[PathLike, "SaveFile"]) -> Diff
     fa = a if isinstance(a, SaveFile) else open(a)
     fb = b if isinstance(b, SaveFile) else open(b)
     try:
-        return _make_diff(fa.path, fb.path, _core.diff(fa, fb))
+        from savedir._state import make_diff
+
+        return make_diff(fa.path, fb.path, _core.diff(fa, fb))
     finally:
         if fa is not a:
             fa.close()
@@ -533,6 +693,8 @@ class SaveFile(_core.SaveFile):
             raw = self.vmdesc_json
             if raw is None:
                 return None
+            import json
+
             try:
                 desc = json.loads(bytes(raw))
                 if not isinstance(desc, dict):
@@ -567,6 +729,8 @@ class SaveFile(_core.SaveFile):
         if sections:
             want = [(s, None) if isinstance(s, str) else (s[0], s[1]) for s in sections]
         raw = self._state_reader().state(self, want)
+        from savedir._state import SectionState, State
+
         return State(path=self.path, sections=[SectionState(**d) for d in raw])
 
     @property
@@ -580,6 +744,8 @@ class SaveFile(_core.SaveFile):
         ...     hex(c.rip), hex(c.cs.base), hex(c.cr0)
         ('0xfff0', '0xffff0000', '0x60000010')
         """
+        from savedir._state import Cpu
+
         return [Cpu.from_dict(d) for d in self._state_reader().cpus(self)]
 
     def __repr__(self) -> str:

@@ -2,7 +2,7 @@
 
 from os import PathLike
 from types import TracebackType
-from typing import Any, Literal, Optional, Union, final
+from typing import Any, Callable, Literal, Optional, Sequence, TypeVar, Union, final
 
 import numpy as np
 import numpy.typing as npt
@@ -11,6 +11,7 @@ from typing_extensions import Self, disjoint_base
 _Path = Union[str, PathLike[str]]
 _Kind = Literal["configuration", "start", "part", "end", "full", "command", "vmdesc"]
 _Check = Literal["trailer", "directory", "cross-check", "deep"]
+_T = TypeVar("_T")
 
 __version__: str
 __all__ = [
@@ -31,6 +32,12 @@ __all__ = [
     "strip",
     "StateReader",
     "diff",
+    "Batch",
+    "BatchResult",
+    "Opened",
+    "index_many",
+    "verify_many",
+    "open_many",
     "__version__",
 ]
 
@@ -304,3 +311,83 @@ class StateReader:
     def elf_notes(self, file: SaveFile) -> bytes: ...
 
 def diff(a: SaveFile, b: SaveFile) -> dict[str, Any]: ...
+
+@final
+class Opened: ...
+
+@final
+class BatchResult:
+    @property
+    def path(self) -> str: ...
+    @property
+    def ok(self) -> bool: ...
+    @property
+    def error(self) -> Optional[BaseException]: ...
+    @property
+    def entries(self) -> int: ...
+    @property
+    def bytes(self) -> int: ...
+    @property
+    def seconds(self) -> float: ...
+    @property
+    def result(self) -> Optional[Union[IndexResult, VerifyResult]]: ...
+    @property
+    def file(self) -> Any: ...
+    def to_dict(self) -> dict[str, Any]: ...
+    def __bool__(self) -> bool: ...
+
+@final
+class Batch:
+    def __iter__(self) -> Self: ...
+    def __next__(self) -> BatchResult: ...
+    def close(self) -> None: ...
+    def __enter__(self) -> Self: ...
+    def __exit__(
+        self,
+        exc_type: Optional[type[BaseException]],
+        exc: Optional[BaseException],
+        tb: Optional[TracebackType],
+    ) -> None: ...
+    def suspend(self, f: Callable[[], _T]) -> _T: ...
+
+def index_many(
+    paths: Sequence[_Path],
+    *,
+    jobs: Optional[int] = None,
+    recursive: bool = False,
+    ordered: bool = False,
+    progress: bool = False,
+    force: bool = False,
+    checksums: bool = True,
+    sidecar: bool = False,
+    offset: Optional[int] = None,
+    wait: bool = False,
+    vmdesc: Optional[_Path] = None,
+    ram_map: bool = True,
+) -> Batch: ...
+def verify_many(
+    paths: Sequence[_Path],
+    *,
+    jobs: Optional[int] = None,
+    recursive: bool = False,
+    ordered: bool = False,
+    progress: bool = False,
+    deep: bool = False,
+    offset: Optional[int] = None,
+    wait: bool = False,
+    vmdesc: Optional[_Path] = None,
+) -> Batch: ...
+def open_many(
+    paths: Sequence[_Path],
+    file_class: Optional[Callable[[Opened], Any]] = None,
+    *,
+    jobs: Optional[int] = None,
+    recursive: bool = False,
+    ordered: bool = False,
+    progress: bool = False,
+    scan: bool = False,
+    offset: Optional[int] = None,
+    mmap: bool = True,
+    wait: bool = False,
+    vmdesc: Optional[_Path] = None,
+) -> Batch: ...

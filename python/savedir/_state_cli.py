@@ -181,20 +181,22 @@ def cmd_diff(a: argparse.Namespace) -> int:
     return 0 if d.same else 1
 
 
-def register(add: Callable[..., argparse.ArgumentParser]) -> None:
-    """Adds the commands to savedir's parser; ``add`` is its subcommand maker."""
-    sp = add("state", cmd_state, "print device sections field by field, decoded through the vmdesc")
+def state_arguments(sp: argparse.ArgumentParser) -> None:
+    """The arguments of ``savedir state`` (see savedir/cli.py)."""
     sp.add_argument("file", metavar="FILE")
     sp.add_argument("sections", nargs="*", metavar="SECTION[:INSTANCE]",
                     help="the sections to show (default: all); without an instance, every instance")
     sp.add_argument("--json", action="store_true", help="print JSON: bytes as hex, a NULL pointer as null")
 
-    sp = add("regs", cmd_regs, "print every vCPU's registers (x86)")
+
+def regs_arguments(sp: argparse.ArgumentParser) -> None:
+    """The arguments of ``savedir regs``."""
     sp.add_argument("file", metavar="FILE")
     sp.add_argument("--json", action="store_true", help="print JSON")
 
-    sp = add("diff", cmd_diff, "compare two saves: the sections, their bytes and the device fields that differ",
-             offset=False)
+
+def diff_arguments(sp: argparse.ArgumentParser) -> None:
+    """The arguments of ``savedir diff``."""
     sp.epilog = DIFF_EPILOG
     sp.add_argument("a", metavar="A")
     sp.add_argument("b", metavar="B")

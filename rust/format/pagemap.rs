@@ -346,11 +346,16 @@ pub struct PageMap {
     pub blocks: Vec<BlockMap>,
 }
 
+/// One block of a mapped-ram stream: its id, used length, host page size
+/// when it has one, and its pages' offset with its bitmap (None when the
+/// file holds no data of it).
+pub type MappedBlock = (String, u64, Option<u64>, Option<(u64, Vec<u8>)>);
+
 impl PageMap {
     /// The map of a mapped-ram stream: `bitmaps[i]` is block i's bitmap
     /// (bit n set: page n's bytes lie at `pages_offset + n * page_size`;
     /// clear: the page is zero), or None for a block without data in the file.
-    pub fn from_mapped(blocks: &[(String, u64, Option<u64>, Option<(u64, Vec<u8>)>)], page_size: u64) -> Self {
+    pub fn from_mapped(blocks: &[MappedBlock], page_size: u64) -> Self {
         let mut out = Vec::with_capacity(blocks.len());
         for (id, len, host, data) in blocks {
             let mut m = BlockMap::new(id.clone(), *len, *host);

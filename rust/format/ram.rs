@@ -287,7 +287,7 @@ impl RamState {
                 format!("RAM_DISCARD names the block \"{}\", which the block list does not have", show_bytes(id)),
             ));
         };
-        if r.remaining() % 16 != 0 {
+        if !r.remaining().is_multiple_of(16) {
             return Err(FormatError::invalid(r.offset(), "expected RAM_DISCARD ranges of 16 bytes each"));
         }
         let ps = self.options.page_size;

@@ -8,7 +8,7 @@
 use super::error::{FormatError, Result};
 use super::reader::{be32_at, byte_at, slice};
 use super::tag;
-use serde_json::Value;
+use serde::de::{Deserialize, Deserializer, IgnoredAny, MapAccess, SeqAccess, Visitor};
 
 /// Bytes of the vmdesc header: type byte and be32 length.
 pub const VMDESC_HEADER: u64 = 5;
@@ -129,97 +129,345 @@ pub fn parse(data: &[u8], loc: VmdescLocation) -> Result<Vmdesc> {
 }
 
 /// Parses vmdesc JSON bytes that lie at absolute offset `at`.
+///
+/// The JSON is read once, keeping only what savedir uses of it (names,
+/// instance and version ids, and the sizes of fields): a vmdesc runs to
+/// hundreds of KiB, and one read into a generic JSON tree cost a small save
+/// most of its `index`.
 pub fn parse_json(json: &[u8], at: u64) -> Result<Vmdesc> {
-    let value: Value = serde_json::from_slice(json)
+    let top: Top = serde_json::from_slice(json)
         .map_err(|e| FormatError::invalid(at, format!("expected the vmdesc's JSON, found invalid JSON ({e})")))?;
-    from_value(&value).map_err(|m| FormatError::invalid(at, m))
+    from_top(top).map_err(|m| FormatError::invalid(at, m))
 }
 
-fn from_value(v: &Value) -> std::result::Result<Vmdesc, String> {
-    let obj = v.as_object().ok_or("expected the vmdesc to be a JSON object")?;
-    let page_size = obj.get("page_size").and_then(Value::as_u64);
-    let mut devices = Vec::new();
-    if let Some(devs) = obj.get("devices") {
-        let devs = devs.as_array().ok_or("expected the vmdesc's \"devices\" to be a list")?;
-        devices.reserve(devs.len());
-        for (i, d) in devs.iter().enumerate() {
-            let name =
-                d.get("name").and_then(Value::as_str).ok_or_else(|| format!("vmdesc device #{i} has no \"name\""))?;
-            let instance_id = d
-                .get("instance_id")
-                .and_then(Value::as_u64)
-                .and_then(|x| u32::try_from(x).ok())
-                .ok_or_else(|| format!("vmdesc device #{i} ({name}) has no valid \"instance_id\""))?;
-            let version = d.get("version").and_then(Value::as_u64).and_then(|x| u32::try_from(x).ok());
-            devices.push(DeviceDesc { name: name.to_owned(), instance_id, version, payload_size: vmsd_size(d, 0) });
-        }
-    }
-    let mut config_subsections = Vec::new();
-    if let Some(subs) = obj.get("configuration").and_then(|c| c.get("subsections")).and_then(Value::as_array) {
-        for s in subs {
-            if let Some(name) = s.get("vmsd_name").and_then(Value::as_str) {
-                config_subsections.push((name.to_owned(), vmsd_size(s, 0)));
+fn from_top(top: Top) -> std::result::Result<Vmdesc, String> {
+    let Top::Object { page_size, devices, config_subsections } = top else {
+        return Err("expected the vmdesc to be a JSON object".into());
+    };
+    let mut out = Vec::new();
+    match devices {
+        None => {}
+        Some(List::Other) => return Err("expected the vmdesc's \"devices\" to be a list".into()),
+        Some(List::Items(devs)) => {
+            out.reserve(devs.len());
+            for (i, d) in devs.into_iter().enumerate() {
+                let Some(d) = d.into_node() else {
+                    return Err(format!("vmdesc device #{i} has no \"name\""));
+                };
+                let Some(name) = d.name.clone() else {
+                    return Err(format!("vmdesc device #{i} has no \"name\""));
+                };
+                let instance_id = d
+                    .instance_id
+                    .flatten()
+                    .and_then(|x| u32::try_from(x).ok())
+                    .ok_or_else(|| format!("vmdesc device #{i} ({name}) has no valid \"instance_id\""))?;
+                let version = d.version.flatten().and_then(|x| u32::try_from(x).ok());
+                let payload_size = d.size_of(0);
+                out.push(DeviceDesc { name, instance_id, version, payload_size });
             }
         }
     }
-    Ok(Vmdesc { page_size, devices, config_subsections })
+    let config_subsections = config_subsections
+        .into_iter()
+        .filter_map(Item::into_node)
+        .filter_map(|s| Some((s.vmsd_name.clone()?, s.size_of(0))))
+        .collect();
+    Ok(Vmdesc { page_size: page_size.flatten(), devices: out, config_subsections })
 }
 
-/// Bytes a described VMState (fields, then subsections) took in the stream.
-fn vmsd_size(v: &Value, depth: u32) -> Option<u64> {
-    if depth > 64 {
-        return None;
+/// What is kept of a JSON value that should be a non-negative integer:
+/// `Some(None)` when present but something else.
+type Num = Option<Option<u64>>;
+
+/// A JSON value read as a number: None unless a non-negative integer.
+struct Scalar(Option<u64>);
+
+impl<'de> Deserialize<'de> for Scalar {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> std::result::Result<Self, D::Error> {
+        d.deserialize_any(AnyVisitor { want: Want::Number }).map(|a| Scalar(a.number))
     }
-    let mut total: u64 = 0;
-    if let Some(fields) = v.get("fields") {
-        for f in fields.as_array()? {
-            let size = f.get("size")?.as_u64()?;
-            let n = match f.get("array_len") {
-                Some(n) => n.as_u64()?,
-                None => 1,
-            };
-            total = total.checked_add(size.checked_mul(n)?)?;
+}
+
+/// A JSON value read as a string: None unless a string.
+struct Text(Option<String>);
+
+impl<'de> Deserialize<'de> for Text {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> std::result::Result<Self, D::Error> {
+        d.deserialize_any(AnyVisitor { want: Want::Text }).map(|a| Text(a.text))
+    }
+}
+
+/// A list, or something that should have been one.
+enum List {
+    Items(Vec<Item>),
+    Other,
+}
+
+impl<'de> Deserialize<'de> for List {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> std::result::Result<Self, D::Error> {
+        d.deserialize_any(AnyVisitor { want: Want::List }).map(|a| a.list.map_or(List::Other, List::Items))
+    }
+}
+
+/// An element of a list: an object (a device, a field, a subsection), or
+/// anything else.
+struct Item(Option<Box<Node>>);
+
+impl Item {
+    fn into_node(self) -> Option<Box<Node>> {
+        self.0
+    }
+}
+
+impl<'de> Deserialize<'de> for Item {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> std::result::Result<Self, D::Error> {
+        d.deserialize_any(AnyVisitor { want: Want::Node }).map(|a| Item(a.node))
+    }
+}
+
+/// The keys of a described VMState that savedir reads; `None` when absent.
+#[derive(Default)]
+struct Node {
+    name: Option<String>,
+    vmsd_name: Option<String>,
+    instance_id: Num,
+    version: Num,
+    size: Num,
+    array_len: Num,
+    fields: Option<List>,
+    subsections: Option<List>,
+    /// The top level's keys.
+    page_size: Num,
+    devices: Option<List>,
+    /// The "subsections" of the top level's "configuration".
+    config_subsections: Option<List>,
+}
+
+impl Node {
+    /// Bytes this VMState (fields, then subsections) took in the stream.
+    fn size_of(&self, depth: u32) -> Option<u64> {
+        if depth > 64 {
+            return None;
         }
-    } else if let Some(size) = v.get("size") {
-        // Old-style handlers may describe only their total size.
-        total = size.as_u64()?;
-    }
-    if let Some(subs) = v.get("subsections") {
-        for s in subs.as_array()? {
-            let name = s.get("vmsd_name")?.as_str()?;
-            if name.len() > 255 {
-                return None;
+        let mut total: u64 = 0;
+        if let Some(fields) = &self.fields {
+            let List::Items(fields) = fields else { return None };
+            for f in fields {
+                let f = f.0.as_ref()?;
+                let size = f.size??;
+                let n = match f.array_len {
+                    Some(n) => n?,
+                    None => 1,
+                };
+                total = total.checked_add(size.checked_mul(n)?)?;
             }
-            // 0x05, u8 name length, name, be32 version, payload.
-            let header = 1 + 1 + name.len() as u64 + 4;
-            total = total.checked_add(header)?.checked_add(vmsd_size(s, depth + 1)?)?;
+        } else if let Some(size) = self.size {
+            // Old-style handlers may describe only their total size.
+            total = size?;
         }
+        if let Some(subs) = &self.subsections {
+            let List::Items(subs) = subs else { return None };
+            for s in subs {
+                let s = s.0.as_ref()?;
+                let name = s.vmsd_name.as_ref()?;
+                if name.len() > 255 {
+                    return None;
+                }
+                // 0x05, u8 name length, name, be32 version, payload.
+                let header = 1 + 1 + name.len() as u64 + 4;
+                total = total.checked_add(header)?.checked_add(s.size_of(depth + 1)?)?;
+            }
+        }
+        Some(total)
     }
-    Some(total)
+}
+
+/// The whole vmdesc: an object, or something else.
+enum Top {
+    Object { page_size: Num, devices: Option<List>, config_subsections: Vec<Item> },
+    Other,
+}
+
+impl<'de> Deserialize<'de> for Top {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> std::result::Result<Self, D::Error> {
+        let a = d.deserialize_any(AnyVisitor { want: Want::Top })?;
+        Ok(match a.node {
+            Some(n) => {
+                let n = *n;
+                let subs = match n.config_subsections {
+                    Some(List::Items(v)) => v,
+                    _ => Vec::new(),
+                };
+                Top::Object { page_size: n.page_size, devices: n.devices, config_subsections: subs }
+            }
+            None => Top::Other,
+        })
+    }
+}
+
+#[derive(Clone, Copy, PartialEq)]
+enum Want {
+    Number,
+    Text,
+    List,
+    Node,
+    Top,
+    /// The object under "configuration": only its "subsections".
+    Config,
+}
+
+/// What one JSON value turned out to be, as far as the reader wants it.
+#[derive(Default)]
+struct Any {
+    number: Option<u64>,
+    text: Option<String>,
+    list: Option<Vec<Item>>,
+    node: Option<Box<Node>>,
+}
+
+/// Reads any JSON value, keeping what `want` asks for and skipping the
+/// rest without building it.
+struct AnyVisitor {
+    want: Want,
+}
+
+impl<'de> Visitor<'de> for AnyVisitor {
+    type Value = Any;
+
+    fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+        f.write_str("any JSON value")
+    }
+    fn visit_bool<E>(self, _: bool) -> std::result::Result<Any, E> {
+        Ok(Any::default())
+    }
+    fn visit_i64<E>(self, _: i64) -> std::result::Result<Any, E> {
+        Ok(Any::default())
+    }
+    fn visit_u64<E>(self, v: u64) -> std::result::Result<Any, E> {
+        Ok(Any { number: (self.want == Want::Number).then_some(v), ..Any::default() })
+    }
+    fn visit_f64<E>(self, _: f64) -> std::result::Result<Any, E> {
+        Ok(Any::default())
+    }
+    fn visit_str<E>(self, v: &str) -> std::result::Result<Any, E> {
+        Ok(Any { text: (self.want == Want::Text).then(|| v.to_owned()), ..Any::default() })
+    }
+    fn visit_unit<E>(self) -> std::result::Result<Any, E> {
+        Ok(Any::default())
+    }
+    fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> std::result::Result<Any, A::Error> {
+        if self.want != Want::List {
+            while seq.next_element::<IgnoredAny>()?.is_some() {}
+            return Ok(Any::default());
+        }
+        let mut items = Vec::new();
+        while let Some(item) = seq.next_element::<Item>()? {
+            items.push(item);
+        }
+        Ok(Any { list: Some(items), ..Any::default() })
+    }
+    fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> std::result::Result<Any, A::Error> {
+        if !matches!(self.want, Want::Node | Want::Top | Want::Config) {
+            while map.next_entry::<IgnoredAny, IgnoredAny>()?.is_some() {}
+            return Ok(Any::default());
+        }
+        let mut n = Node::default();
+        while let Some(key) = map.next_key::<std::borrow::Cow<'de, str>>()? {
+            match (self.want, key.as_ref()) {
+                (Want::Node, "name") => n.name = map.next_value::<Text>()?.0,
+                (Want::Node, "vmsd_name") => n.vmsd_name = map.next_value::<Text>()?.0,
+                (Want::Node, "instance_id") => n.instance_id = Some(map.next_value::<Scalar>()?.0),
+                (Want::Node, "version") => n.version = Some(map.next_value::<Scalar>()?.0),
+                (Want::Node, "size") => n.size = Some(map.next_value::<Scalar>()?.0),
+                (Want::Node, "array_len") => n.array_len = Some(map.next_value::<Scalar>()?.0),
+                (Want::Node, "fields") => n.fields = Some(map.next_value::<List>()?),
+                (Want::Node, "subsections") => n.subsections = Some(map.next_value::<List>()?),
+                (Want::Top, "page_size") => n.page_size = Some(map.next_value::<Scalar>()?.0),
+                (Want::Top, "devices") => n.devices = Some(map.next_value::<List>()?),
+                (Want::Top, "configuration") => {
+                    let c = map.next_value_seed(Seed(Want::Config))?;
+                    n.config_subsections = c.node.and_then(|c| c.subsections);
+                }
+                (Want::Config, "subsections") => n.subsections = Some(map.next_value::<List>()?),
+                _ => {
+                    map.next_value::<IgnoredAny>()?;
+                }
+            }
+        }
+        Ok(Any { node: Some(Box::new(n)), ..Any::default() })
+    }
+}
+
+/// Reads one value as [`AnyVisitor`] with `want` does.
+struct Seed(Want);
+
+impl<'de> serde::de::DeserializeSeed<'de> for Seed {
+    type Value = Any;
+    fn deserialize<D: Deserializer<'de>>(self, d: D) -> std::result::Result<Any, D::Error> {
+        d.deserialize_any(AnyVisitor { want: self.0 })
+    }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
 
-    #[test]
-    fn sums_fields_arrays_and_subsections() {
-        let v: Value = serde_json::from_str(
-            r#"{"name":"cpu","instance_id":0,"vmsd_name":"cpu","version":12,
-                "fields":[{"name":"a","type":"uint32","size":4},
-                          {"name":"regs","array_len":16,"type":"uint64","size":8}],
-                "subsections":[{"vmsd_name":"cpu/x","version":1,
-                                "fields":[{"name":"b","type":"bool","size":1}]}]}"#,
-        )
-        .unwrap();
-        assert_eq!(vmsd_size(&v, 0), Some(4 + 128 + (1 + 1 + 5 + 4 + 1)));
+    /// The payload size of the one device of a vmdesc made of `device`.
+    fn size_of(device: &str) -> Option<u64> {
+        let json = format!(r#"{{"page_size":4096,"devices":[{device}]}}"#);
+        parse_json(json.as_bytes(), 0).unwrap().devices[0].payload_size
     }
 
     #[test]
-    fn refuses_overflowing_sizes() {
-        let v: Value =
-            serde_json::from_str(r#"{"fields":[{"name":"a","array_len":18446744073709551615,"size":2}]}"#).unwrap();
-        assert_eq!(vmsd_size(&v, 0), None);
+    fn sums_fields_arrays_and_subsections() {
+        let cpu = r#"{"name":"cpu","instance_id":0,"vmsd_name":"cpu","version":12,
+                "fields":[{"name":"a","type":"uint32","size":4},
+                          {"name":"regs","array_len":16,"type":"uint64","size":8,"extra":{"deep":[1,{"x":null}]}}],
+                "subsections":[{"vmsd_name":"cpu/x","version":1,
+                                "fields":[{"name":"b","type":"bool","size":1}]}]}"#;
+        assert_eq!(size_of(cpu), Some(4 + 128 + (1 + 1 + 5 + 4 + 1)));
+        let d = parse_json(format!(r#"{{"devices":[{cpu}],"page_size":8192}}"#).as_bytes(), 0).unwrap();
+        assert_eq!((d.page_size, d.devices[0].name.as_str(), d.devices[0].version), (Some(8192), "cpu", Some(12)));
+        // An old-style handler: its total size only.
+        assert_eq!(size_of(r#"{"name":"a","instance_id":0,"size":17}"#), Some(17));
+        assert_eq!(size_of(r#"{"name":"a","instance_id":0}"#), Some(0));
+    }
+
+    #[test]
+    fn refuses_overflowing_or_odd_sizes() {
+        for bad in [
+            r#"{"name":"a","instance_id":0,"fields":[{"name":"a","array_len":18446744073709551615,"size":2}]}"#,
+            r#"{"name":"a","instance_id":0,"fields":[{"name":"a","size":-1}]}"#,
+            r#"{"name":"a","instance_id":0,"fields":[{"name":"a","size":2.0}]}"#,
+            r#"{"name":"a","instance_id":0,"fields":[{"name":"a"}]}"#,
+            r#"{"name":"a","instance_id":0,"fields":{"name":"a","size":2}}"#,
+            r#"{"name":"a","instance_id":0,"fields":[7]}"#,
+            r#"{"name":"a","instance_id":0,"subsections":[{"size":2}]}"#,
+            r#"{"name":"a","instance_id":0,"size":"12"}"#,
+        ] {
+            assert_eq!(size_of(bad), None, "{bad}");
+        }
+    }
+
+    #[test]
+    fn a_vmdesc_that_is_not_one_says_so() {
+        for (json, says) in [
+            (&br#"[1,2]"#[..], "a JSON object"),
+            (br#"{"devices":3}"#, "to be a list"),
+            (br#"{"devices":[{"instance_id":0}]}"#, "has no \"name\""),
+            (br#"{"devices":[5]}"#, "has no \"name\""),
+            (br#"{"devices":[{"name":"x","instance_id":-1}]}"#, "no valid \"instance_id\""),
+            (br#"{"devices":[{"name":"x","instance_id":4294967296}]}"#, "no valid \"instance_id\""),
+            (br#"{"devices":[{"name":"x""#, "invalid JSON"),
+        ] {
+            let e = parse_json(json, 7).unwrap_err();
+            assert!(e.message.contains(says) && e.offset == 7, "{}: {}", String::from_utf8_lossy(json), e.message);
+        }
+        let d = parse_json(br#"{"configuration":{"subsections":[{"vmsd_name":"c/x","fields":[{"size":3}]},4]}}"#, 0)
+            .unwrap();
+        assert_eq!(d.config_subsections, vec![("c/x".to_string(), Some(3))]);
+        assert!(d.devices.is_empty() && d.page_size.is_none());
     }
 
     #[test]

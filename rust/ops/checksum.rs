@@ -1,6 +1,13 @@
-//! CRC-32C of item extents, computed in parallel over fixed-size chunks.
+//! CRC-32C of item extents: in parallel over fixed-size chunks of a whole
+//! file, or item by item as a one-pass read goes ([`ItemCrcs`]).
+//!
+//! Work is spread over threads only inside a thread pool savedir made for the
+//! call (see `pool.rs`), never on rayon's global pool, whose threads a child
+//! process made by `fork` would wait for forever.
 
 use rayon::prelude::*;
+
+use crate::format::stream::Item;
 
 use super::progress::Progress;
 
@@ -24,15 +31,16 @@ pub fn crc32c_extents(data: &[u8], extents: &[(u64, u64)], progress: &Progress) 
     }
     let total: u64 = extents.iter().map(|(s, e)| e - s).sum();
     progress.phase(total);
-    let crcs: Vec<u32> = chunks
-        .par_iter()
-        .with_min_len(16)
-        .map(|&(_, a, b)| {
-            let c = crc32c::crc32c(&data[a as usize..b as usize]);
-            progress.add(b - a);
-            c
-        })
-        .collect();
+    let one = |&(_, a, b): &(usize, u64, u64)| {
+        let c = crc32c::crc32c(&data[a as usize..b as usize]);
+        progress.add(b - a);
+        c
+    };
+    let crcs: Vec<u32> = if super::pool::in_pool() {
+        chunks.par_iter().with_min_len(16).map(one).collect()
+    } else {
+        chunks.iter().map(one).collect()
+    };
     let mut out = vec![0u32; extents.len()];
     let mut started = vec![false; extents.len()];
     for (&(i, a, b), &c) in chunks.iter().zip(&crcs) {
@@ -44,6 +52,82 @@ pub fn crc32c_extents(data: &[u8], extents: &[(u64, u64)], progress: &Progress) 
         }
     }
     out
+}
+
+/// The least bytes worth a thread of their own.
+const PIECE: usize = 1 << 20;
+
+/// The CRC-32C of `data` appended to `crc`: split over the threads of the
+/// pool the caller runs in, when it is long enough (combining checksums is
+/// not free: one piece per thread).
+pub fn crc32c_append(crc: u32, data: &[u8]) -> u32 {
+    let parts = if super::pool::in_pool() { rayon::current_num_threads().min(data.len() / PIECE) } else { 1 };
+    if parts < 2 {
+        return crc32c::crc32c_append(crc, data);
+    }
+    let size = data.len().div_ceil(parts);
+    let crcs: Vec<(u32, usize)> = data.par_chunks(size).map(|c| (crc32c::crc32c(c), c.len())).collect();
+    crcs.into_iter().fold(crc, |acc, (c, n)| crc32c::crc32c_combine(acc, c, n))
+}
+
+/// The CRC-32C of each top-level item, fed with the bytes as a one-pass read
+/// passes them (a recording, a scan): only the running checksum of the item
+/// in progress is kept, never its bytes.
+#[derive(Debug, Default)]
+pub struct ItemCrcs {
+    /// CRC of the item in progress, over its bytes up to `pos`.
+    crc: u32,
+    pos: u64,
+    crcs: Vec<u32>,
+    /// The extent each checksum covers.
+    extents: Vec<(u64, u64)>,
+}
+
+impl ItemCrcs {
+    /// Feeds the bytes up to `done`: `data` holds file bytes from `base`,
+    /// from the previous `done` at least (or the first item's start) up to
+    /// `done`. `items` are the items found so far, final up to `done`;
+    /// `in_progress` the offset of the item the parse is inside, if any.
+    pub fn update(&mut self, items: &[Item], in_progress: Option<u64>, data: &[u8], base: u64, done: u64) {
+        let at = |a: u64, b: u64| &data[(a - base) as usize..(b - base) as usize];
+        while self.crcs.len() < items.len() && items[self.crcs.len()].end <= done {
+            let it = &items[self.crcs.len()];
+            if self.pos < it.offset {
+                self.pos = it.offset;
+                self.crc = 0;
+            }
+            self.crcs.push(crc32c_append(self.crc, at(self.pos, it.end)));
+            self.extents.push((it.offset, it.end));
+            self.crc = 0;
+            self.pos = it.end;
+        }
+        // The item that `done` falls in: a completed one, or the one in progress.
+        let current = items.get(self.crcs.len()).map(|i| i.offset).or(in_progress);
+        if let Some(start) = current {
+            if self.pos < start {
+                self.pos = start;
+                self.crc = 0;
+            }
+            if done > self.pos {
+                self.crc = crc32c_append(self.crc, at(self.pos, done));
+                self.pos = done;
+            }
+        }
+    }
+
+    /// The checksums of `items` (every item of the stream), or None when
+    /// they are not the items that were checksummed (a second reading of the
+    /// stream found other ends).
+    pub fn finish(self, items: &[Item]) -> Option<Vec<u32>> {
+        let same =
+            self.extents.len() == items.len() && self.extents.iter().zip(items).all(|(&e, i)| e == (i.offset, i.end));
+        same.then_some(self.crcs)
+    }
+
+    /// The checksums of the items completed so far.
+    pub fn crcs(&self) -> &[u32] {
+        &self.crcs
+    }
 }
 
 #[cfg(test)]

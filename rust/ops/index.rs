@@ -6,13 +6,14 @@ use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 
 use crate::format::directory::{self, View};
-use crate::format::stream::{self, ParseOptions};
+use crate::format::stream::ParseOptions;
 use crate::format::tag;
 
-use super::checksum::crc32c_extents;
 use super::error::{Error, Result};
 use super::locate::{check_directory, find_directory, locate, sidecar_path};
+use super::pagecache::PageCache;
 use super::progress::Progress;
+use super::scan::Scan;
 use super::source::{check_regular, lock_exclusive, map_file};
 
 #[derive(Clone, Debug)]
@@ -124,8 +125,12 @@ pub fn check_folder_writable(path: &Path) -> Result<()> {
 
 pub fn index(path: &Path, opts: &IndexOptions) -> Result<IndexReport> {
     let file = open_for_writing(path, opts.wait)?;
+    // What the page cache holds, before anything reads the file.
+    let mut cache = file.metadata().ok().and_then(|md| PageCache::new(&file, md.len()));
     // Mapped after the lock: another writer may have changed the file meanwhile.
     let map = map_file(path, &file)?;
+    // No read-ahead around the head and the tail, read first.
+    map.advise_random();
     let data = map.bytes();
     let located = locate(path, &View::appended(&*map), opts.offset)?;
     let stream_start = located.stream_start;
@@ -162,15 +167,19 @@ pub fn index(path: &Path, opts: &IndexOptions) -> Result<IndexReport> {
         }
     }
 
-    map.advise_sequential();
+    map.advise_scan();
     let meter = Progress::new(opts.progress, format!("{}: indexing", path.display()), map.len());
-    let mut tick = |at: u64| meter.set(at);
-    let mut popts = ParseOptions::new(stream_start, super::locate::end_hint(&*map));
-    popts.vmdesc = opts.vmdesc.as_deref();
-    popts.progress = Some(&mut tick);
-    popts.page_map = opts.ram_map;
-    super::testhook::pause("scan:start");
-    let s = map.check(path, stream::parse(data, popts).map_err(|e| Error::format(path, e)))?;
+    super::testhook::pause_file("scan:start", path);
+    let scanned = super::pool::run(map.len(), || {
+        let mut tick = |at: u64| meter.set(at);
+        let mut popts = ParseOptions::new(stream_start, super::locate::end_hint(&*map));
+        popts.vmdesc = opts.vmdesc.as_deref();
+        popts.progress = Some(&mut tick);
+        popts.page_map = opts.ram_map;
+        Scan { src: &*map, map: Some(&map), cache: cache.as_mut() }.run(popts, opts.checksums)
+    });
+    let scanned = map.check(path, scanned.map_err(|e| Error::source(path, e)))?;
+    let (s, crcs) = (scanned.stream, scanned.crcs);
 
     let len = data.len() as u64;
     if s.end < len && opts.sidecar {
@@ -183,10 +192,6 @@ pub fn index(path: &Path, opts: &IndexOptions) -> Result<IndexReport> {
             ),
         });
     }
-    let crcs = opts.checksums.then(|| {
-        let extents: Vec<(u64, u64)> = s.items.iter().map(|i| (i.offset, i.end)).collect();
-        crc32c_extents(data, &extents, &meter)
-    });
     // The RAM page map, then the directory: both after the stream. (Records
     // too scattered to map, which no QEMU stream is, get no map: readers
     // then walk them and say why.)
@@ -212,7 +217,7 @@ pub fn index(path: &Path, opts: &IndexOptions) -> Result<IndexReport> {
         });
     }
     drop(map);
-    super::testhook::pause("index:before-write");
+    super::testhook::pause_file("index:before-write", path);
 
     if opts.sidecar {
         let sc = write_sidecar(path, &tail)?;
@@ -225,10 +230,32 @@ pub fn index(path: &Path, opts: &IndexOptions) -> Result<IndexReport> {
     // (a torn directory, which the next `index` completes).
     let (first, rest) = tail.split_at(tail.len() / 2);
     file.write_all_at(first, s.end).map_err(|e| Error::io(path, "write the directory", e))?;
-    super::testhook::pause("index:mid-write");
+    super::testhook::pause_file("index:mid-write", path);
     file.write_all_at(rest, s.end + first.len() as u64).map_err(|e| Error::io(path, "write the directory", e))?;
-    file.sync_data().map_err(|e| Error::io(path, "flush to disk", e))?;
+    write_out(&file, s.end, tail.len() as u64).map_err(|e| Error::io(path, "flush to disk", e))?;
     Ok(report(true, s.items.len(), dir_at, dir_len, len - s.end, None, map_len))
+}
+
+/// Writes the bytes `start..start + len` of `file` to the disk and waits for
+/// them, without waiting for any other unwritten data of the file: right
+/// after QEMU wrote a large save, most of it is still in the page cache, and
+/// `fdatasync` would wait for all of it (see "Durability" in
+/// docs/internals.md for what this promises).
+pub fn write_out(file: &File, start: u64, len: u64) -> std::io::Result<()> {
+    use std::os::fd::AsRawFd;
+    let flags = libc::SYNC_FILE_RANGE_WAIT_BEFORE | libc::SYNC_FILE_RANGE_WRITE | libc::SYNC_FILE_RANGE_WAIT_AFTER;
+    loop {
+        // SAFETY: sync_file_range on our own open file descriptor.
+        let rc =
+            unsafe { libc::sync_file_range(file.as_raw_fd(), start as libc::off64_t, len as libc::off64_t, flags) };
+        if rc == 0 {
+            return Ok(());
+        }
+        let e = std::io::Error::last_os_error();
+        if e.kind() != std::io::ErrorKind::Interrupted {
+            return Err(e);
+        }
+    }
 }
 
 /// Writes `FILE.savedir` whole or not at all: a temporary file, flushed,

@@ -1,15 +1,19 @@
 //! I/O policy over the grammar: mapping files, locking, appending and
 //! truncating, flushing to disk, checksums and progress.
 
+pub mod batch;
 pub mod checksum;
 pub mod dump;
 pub mod error;
 pub mod index;
 pub mod locate;
 pub mod open;
+pub mod pagecache;
+pub mod pool;
 pub mod progress;
 pub mod ram;
 pub mod record;
+pub mod scan;
 pub mod sigbus;
 pub mod source;
 pub mod state;

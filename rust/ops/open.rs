@@ -8,7 +8,7 @@ use std::sync::Arc;
 use crate::format::directory::{self, Directory, Trailer, View};
 use crate::format::reader::Reader;
 use crate::format::source::{read_vec, Cached, ReadAt};
-use crate::format::stream::{self, read_machine_type, ParseOptions, MACHINE_TYPE_MAX};
+use crate::format::stream::{read_machine_type, ParseOptions, MACHINE_TYPE_MAX};
 use crate::format::vmdesc::{self, Vmdesc, VmdescLocation};
 use crate::format::Kind;
 
@@ -16,7 +16,9 @@ pub use crate::format::directory::Entry;
 
 use super::error::{Error, Result};
 use super::locate::{check_directory, check_or_read_error, find_directory, locate, DirSource, Located, Sidecar};
+use super::pagecache::PageCache;
 use super::progress::Progress;
+use super::scan::Scan;
 use super::source::{map_file, open_locked, FileSource, Map, SharedLock};
 
 /// How to open a file.
@@ -116,6 +118,9 @@ impl std::fmt::Debug for SaveFile {
 /// returned file is dropped.
 pub fn open(path: &Path, opts: &OpenOptions) -> Result<SaveFile> {
     let lock = open_locked(path, opts.wait)?;
+    // What the page cache holds, before anything reads the file (a scan
+    // hands back what it brought in).
+    let cache = lock.file().metadata().ok().and_then(|md| PageCache::new(lock.file(), md.len()));
     let (source, backing): (Arc<dyn ReadAt>, Backing) = if opts.mmap {
         let m = map_file(path, lock.file())?;
         (m.clone(), Backing::Map(m))
@@ -124,18 +129,17 @@ pub fn open(path: &Path, opts: &OpenOptions) -> Result<SaveFile> {
         let f = Arc::new(FileSource::new(path, file)?);
         (Arc::new(Cached::new(f.clone())), Backing::File(f))
     };
-    // A directory's checks read one header per entry, scattered over the
-    // file: without read-ahead a cold file costs a page per entry, not more.
-    let map = if let Backing::Map(m) = &backing { Some(m.clone()) } else { None };
-    if let Some(m) = &map {
-        m.advise_random(!opts.scan);
+    // The head, the tail, the directory and a header per entry: no
+    // read-ahead around them (megabytes for each header of a file not
+    // cached). A scan reads ahead; the file's views read as usual after.
+    if let Backing::Map(m) = &backing {
+        m.advise_random();
     }
     let dir = if opts.scan { None } else { find_directory(path, &*source)? };
-    let f = open_source(path, source, backing, dir, opts);
-    if let Some(m) = &map {
-        m.advise_random(false);
+    let mut f = open_with(path, source, backing, dir, opts, cache)?;
+    if let Some(m) = f.map() {
+        m.advise_normal();
     }
-    let mut f = f?;
     f.lock = Some(lock);
     f.check_changed()?;
     Ok(f)
@@ -149,6 +153,19 @@ pub fn open_source(
     backing: Backing,
     dir: Option<DirSource>,
     opts: &OpenOptions,
+) -> Result<SaveFile> {
+    open_with(name, source, backing, dir, opts, None)
+}
+
+/// [`open_source`], handing back behind a scan the pages it brought into the
+/// page cache (`cache`: what the cache held when the file was opened).
+fn open_with(
+    name: &Path,
+    source: Arc<dyn ReadAt>,
+    backing: Backing,
+    dir: Option<DirSource>,
+    opts: &OpenOptions,
+    cache: Option<PageCache>,
 ) -> Result<SaveFile> {
     let dsrc = dir.clone().unwrap_or_default();
     let view = dsrc.view(&*source);
@@ -187,7 +204,7 @@ pub fn open_source(
         return Ok(f);
     }
     drop(view);
-    f.scan(opts.progress)?;
+    f.scan(opts.progress, cache)?;
     Ok(f)
 }
 
@@ -213,15 +230,19 @@ impl SaveFile {
     }
 
     /// Parses the stream from its start.
-    fn scan(&mut self, progress: bool) -> Result<()> {
+    fn scan(&mut self, progress: bool, mut cache: Option<PageCache>) -> Result<()> {
         let size = self.source.size();
         let meter = Progress::new(progress, format!("{}: reading", self.path.display()), size);
         let mut tick = |at: u64| meter.set(at);
         let mut popts = ParseOptions::new(self.stream_start, super::locate::end_hint(&*self.source));
         popts.progress = Some(&mut tick);
         popts.vmdesc = self.hint.as_deref();
-        super::testhook::pause("scan:start");
-        let s = stream::parse_source(&*self.source, popts, None).map_err(|e| Error::source(&self.path, e));
+        super::testhook::pause_file("scan:start", &self.path);
+        if let Some(m) = self.map() {
+            m.advise_scan();
+        }
+        let scan = Scan { src: &*self.source, map: self.map().map(|m| &**m), cache: cache.as_mut() };
+        let s = scan.run(popts, false).map(|s| s.stream).map_err(|e| Error::source(&self.path, e));
         let s = self.changed_error().map_or(s, Err)?;
         meter.finish();
         self.stream_end = s.end;

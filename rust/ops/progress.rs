@@ -19,6 +19,31 @@ const INTERVAL: Duration = Duration::from_millis(200);
 /// may come from several threads at once.
 pub struct Progress {
     inner: Option<Inner>,
+    /// Where [`Progress::set`] goes instead, inside a batch (see [`reporting_to`]).
+    sink: Option<Sink>,
+}
+
+/// Receives the offset reached in the file at hand.
+pub type Sink = std::sync::Arc<dyn Fn(u64) + Send + Sync>;
+
+thread_local! {
+    static SINK: std::cell::RefCell<Option<Sink>> = const { std::cell::RefCell::new(None) };
+}
+
+/// Runs `f` with the progress of the work it does on this thread sent to
+/// `sink` (the offset reached in the file at hand) instead of drawn by a bar
+/// of its own: a batch draws one bar for all its files.
+pub fn reporting_to<T>(sink: Sink, f: impl FnOnce() -> T) -> T {
+    struct Reset(Option<Sink>);
+    impl Drop for Reset {
+        fn drop(&mut self) {
+            let old = self.0.take();
+            SINK.with(|s| *s.borrow_mut() = old);
+        }
+    }
+    let old = SINK.with(|s| s.borrow_mut().replace(sink));
+    let _reset = Reset(old);
+    f()
 }
 
 struct Inner {
@@ -37,6 +62,9 @@ struct Inner {
 
 impl Progress {
     pub fn new(enabled: bool, label: impl Into<String>, total: u64) -> Self {
+        if let Some(sink) = SINK.with(|s| s.borrow().clone()) {
+            return Progress { inner: None, sink: Some(sink) };
+        }
         if !enabled {
             return Progress::off();
         }
@@ -59,6 +87,7 @@ impl Progress {
             .with_message(label.into());
         bar.set_style(style(total));
         Progress {
+            sink: None,
             inner: Some(Inner {
                 bar,
                 target: Box::new(target),
@@ -75,7 +104,7 @@ impl Progress {
 
     /// A meter that never prints.
     pub fn off() -> Self {
-        Progress { inner: None }
+        Progress { inner: None, sink: None }
     }
 
     pub fn enabled(&self) -> bool {
@@ -104,6 +133,9 @@ impl Progress {
 
     /// Sets the amount done.
     pub fn set(&self, done: u64) {
+        if let Some(s) = &self.sink {
+            s(done);
+        }
         if let Some(i) = &self.inner {
             i.done.store(done, Ordering::Relaxed);
             i.maybe_draw();
@@ -115,6 +147,32 @@ impl Progress {
         if let Some(i) = &self.inner {
             i.done.fetch_add(n, Ordering::Relaxed);
             i.maybe_draw();
+        }
+    }
+
+    /// Sets the total without starting a new phase (a total still growing).
+    pub fn set_total(&self, total: u64) {
+        if let Some(i) = &self.inner {
+            let old = i.total.swap(total, Ordering::Relaxed);
+            if (old == 0) != (total == 0) {
+                i.bar.set_style(style(total));
+            }
+        }
+    }
+
+    /// Replaces the text before the bar.
+    pub fn set_message(&self, message: String) {
+        if let Some(i) = &self.inner {
+            i.bar.set_message(message);
+        }
+    }
+
+    /// Runs `f` with the bar out of the way: whatever `f` writes to the
+    /// terminal appears above it.
+    pub fn suspend<T>(&self, f: impl FnOnce() -> T) -> T {
+        match &self.inner {
+            Some(i) if i.shown.load(Ordering::Acquire) && !i.finished.load(Ordering::Acquire) => i.bar.suspend(f),
+            _ => f(),
         }
     }
 

@@ -15,6 +15,7 @@ use crate::format::error::{FormatError, FormatErrorKind};
 use crate::format::stream::{self, Item, StreamParser};
 use crate::format::Kind;
 
+use super::checksum::ItemCrcs;
 use super::error::{Error, Result};
 use super::progress::Progress as Meter;
 use super::source::map_file;
@@ -71,10 +72,7 @@ pub struct Recorder {
     buf_base: u64,
     /// Bytes received (and written).
     received: u64,
-    /// CRC of the item in progress, over bytes up to `crc_pos`.
-    crc: u32,
-    crc_pos: u64,
-    crcs: Vec<u32>,
+    crcs: ItemCrcs,
     /// The first parse error; bytes are still written after it.
     error: Option<FormatError>,
     meter: Meter,
@@ -124,9 +122,7 @@ impl Recorder {
             buf: Vec::with_capacity(2 * READ_CHUNK),
             buf_base: 0,
             received: 0,
-            crc: 0,
-            crc_pos: 0,
-            crcs: Vec::new(),
+            crcs: ItemCrcs::default(),
             error: None,
             meter,
             flushed: 0,
@@ -252,30 +248,8 @@ impl Recorder {
     /// Feeds the bytes up to `keep` (which lie in `window`, from `base`)
     /// into the per-item checksums.
     fn update_crcs(&mut self, window: &[u8], base: u64, keep: u64) {
-        let items = self.parser.items();
-        let at = |a: u64, b: u64| &window[(a - base) as usize..(b - base) as usize];
-        while self.crcs.len() < items.len() && items[self.crcs.len()].end <= keep {
-            let it = &items[self.crcs.len()];
-            if self.crc_pos < it.offset {
-                self.crc_pos = it.offset;
-                self.crc = 0;
-            }
-            self.crcs.push(crc32c::crc32c_append(self.crc, at(self.crc_pos, it.end)));
-            self.crc = 0;
-            self.crc_pos = it.end;
-        }
-        // The item that `keep` falls in: a completed one, or the one in progress.
-        let current = items.get(self.crcs.len()).map(|i| i.offset).or_else(|| self.parser.item_in_progress());
-        if let Some(start) = current {
-            if self.crc_pos < start {
-                self.crc_pos = start;
-                self.crc = 0;
-            }
-            if keep > self.crc_pos {
-                self.crc = crc32c::crc32c_append(self.crc, at(self.crc_pos, keep));
-                self.crc_pos = keep;
-            }
-        }
+        let in_progress = self.parser.item_in_progress();
+        self.crcs.update(self.parser.items(), in_progress, window, base, keep);
     }
 
     /// Ends the input: parses what is left and appends the directory. On a
@@ -305,7 +279,7 @@ impl Recorder {
         let parser = std::mem::replace(&mut self.parser, StreamParser::new(0, None));
         let desc = parser.vmdesc().cloned();
         let mut s = parser.finish();
-        let mut crcs = std::mem::take(&mut self.crcs);
+        let mut crcs = std::mem::take(&mut self.crcs).crcs().to_vec();
         // Device sections were found by their footers; the vmdesc, which
         // arrived last, must agree with every size. If a footer's bytes inside
         // device data fooled the parse, read the stream back once to fix it.
@@ -323,7 +297,7 @@ impl Recorder {
             popts.page_map = self.opts.ram_map;
             s = stream::parse(data, popts).map_err(|e| Error::format(&self.path, e))?;
             let ext: Vec<(u64, u64)> = s.items.iter().map(|i| (i.offset, i.end)).collect();
-            crcs = super::checksum::crc32c_extents(data, &ext, &Meter::off());
+            crcs = super::pool::run(data.len() as u64, || super::checksum::crc32c_extents(data, &ext, &Meter::off()));
         }
         let crcs = self.opts.checksums.then_some(&crcs[..]);
         let mut tail =

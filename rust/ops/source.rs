@@ -70,10 +70,56 @@ impl Map {
         }
     }
 
-    /// Hints that the whole file will be read front to back.
-    pub fn advise_sequential(&self) {
+    /// The mapped file (None for an empty file that could not be reopened).
+    pub fn file(&self) -> Option<&File> {
+        self.file.as_ref()
+    }
+
+    /// Before a scan, front to back: the kernel's usual read-ahead, which
+    /// streams a mapping read in order. (Not `MADV_SEQUENTIAL`: on Linux 6.x,
+    /// after pages were read under [`advise_random`](Self::advise_random),
+    /// it makes the kernel read the rest of the file in small pieces, four
+    /// times slower from a disk.)
+    pub fn advise_scan(&self) {
+        self.advise_normal();
+    }
+
+    /// Takes back any hint: the kernel's usual read-ahead.
+    pub fn advise_normal(&self) {
         if let Some(m) = &self.map {
-            let _ = m.advise(Advice::Sequential);
+            let _ = m.advise(Advice::Normal);
+        }
+    }
+
+    /// Hints that the file will be read here and there (its head, its tail,
+    /// a header per entry): no read-ahead, which would read megabytes
+    /// around each of those pages of a file not cached.
+    pub fn advise_random(&self) {
+        if let Some(m) = &self.map {
+            let _ = m.advise(Advice::Random);
+        }
+    }
+
+    /// Takes the pages of bytes `start..end` (`start` page-aligned) out of
+    /// this process's view of the file: they stop counting in its resident
+    /// set, and the page cache may drop them. The bytes stay readable: the
+    /// next read maps them again from the file.
+    pub fn unmap_pages(&self, start: u64, end: u64) {
+        let Some(m) = &self.map else { return };
+        let end = end.min(m.len() as u64);
+        if start >= end {
+            return;
+        }
+        // SAFETY: a range inside our read-only shared mapping of a file.
+        // MADV_DONTNEED drops its page table entries; a later access faults
+        // the same file bytes in again (or zeros past a new end, see
+        // sigbus.rs), so every slice handed out stays valid and unchanged.
+        unsafe {
+            libc::madvise(
+                m.as_ptr().add(start as usize) as *mut libc::c_void,
+                (end - start) as usize,
+                libc::MADV_DONTNEED,
+            );
         }
     }
 
@@ -87,14 +133,6 @@ impl Map {
             if to > from {
                 let _ = m.advise_range(advice, from as usize, (to - from) as usize);
             }
-        }
-    }
-
-    /// No read-ahead (scattered small reads: a directory's headers, pages),
-    /// or back to the kernel's default.
-    pub fn advise_random(&self, random: bool) {
-        if let Some(m) = &self.map {
-            let _ = m.advise(if random { Advice::Random } else { Advice::Normal });
         }
     }
 }
@@ -125,6 +163,26 @@ impl FileSource {
     pub fn new(path: &Path, file: File) -> Result<Self> {
         let len = file.metadata().map_err(|e| Error::io(path, "stat", e))?.len();
         Ok(FileSource { file, len })
+    }
+
+    /// Positioned reads of `file` for reading it here and there (its tail,
+    /// a header per entry): on an open file of its own (the same file,
+    /// through /proc/self/fd), told to read no more than asked, so that it
+    /// neither reads megabytes around each header nor changes how `file`
+    /// and its mappings read ahead. None where that cannot be had.
+    pub fn for_checks(path: &Path, file: &File) -> Option<Self> {
+        use std::os::fd::AsRawFd;
+        let own = File::open(format!("/proc/self/fd/{}", file.as_raw_fd())).ok()?;
+        // SAFETY: advice on our own open file; errors change nothing.
+        unsafe {
+            libc::posix_fadvise(own.as_raw_fd(), 0, 0, libc::POSIX_FADV_RANDOM);
+        }
+        FileSource::new(path, own).ok()
+    }
+
+    /// The open file read.
+    pub fn file(&self) -> &File {
+        &self.file
     }
 
     /// Says how the file changed since it was opened, if it shrank.

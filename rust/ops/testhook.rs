@@ -3,6 +3,9 @@
 //!
 //! Test-only. `SAVEDIR_TEST_PAUSE=POINT=FIFO[,POINT=FIFO...]` names the
 //! points to stop at (read once per process; a FIFO path cannot contain `,`).
+//! A point that concerns a file stops for every file, or, named
+//! `POINT@NAME`, only for the file whose name (last path component) is NAME:
+//! in a batch, one file among many.
 //! At a named point the process opens FIFO for reading, which blocks until
 //! the test opens it for writing: when the test's open returns, it knows the
 //! process is at the point. The process then reads one byte, which blocks
@@ -34,6 +37,21 @@ pub fn pause(point: &str) {
     }
     for (p, fifo) in points {
         if p == point {
+            wait(fifo);
+        }
+    }
+}
+
+/// Waits at `point` for the file `path` if the test asked for it: for
+/// `POINT` (every file) or `POINT@NAME` (this file's name).
+pub fn pause_file(point: &str, path: &std::path::Path) {
+    let points = points();
+    if points.is_empty() {
+        return;
+    }
+    let name = path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+    for (p, fifo) in points {
+        if p == point || p.strip_prefix(point).and_then(|rest| rest.strip_prefix('@')) == Some(name.as_str()) {
             wait(fifo);
         }
     }

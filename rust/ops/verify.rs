@@ -5,16 +5,17 @@ use std::path::{Path, PathBuf};
 use crate::format::directory::{Check, CheckError, Directory, View};
 use crate::format::error::FormatError;
 use crate::format::pagemap::PageMap;
-use crate::format::source::{Limit, ReadAt, SourceError};
-use crate::format::stream::{self, describe, ParseOptions};
+use crate::format::source::{Cached, Limit, ReadAt, SourceError};
+use crate::format::stream::{describe, ParseOptions};
 use crate::format::vmdesc::Vmdesc;
 
-use super::checksum::crc32c_extents;
 use super::error::{Error, Result};
 use super::locate::{check_or_read_error, check_structure, cross_check, find_directory, locate, DirSource};
-use super::open::SaveFile;
+use super::open::{Backing, SaveFile};
+use super::pagecache::PageCache;
 use super::progress::Progress;
-use super::source::open_map;
+use super::scan::Scan;
+use super::source::{map_file, open_locked, FileSource, Map};
 
 /// The outcome of verifying one file.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -41,7 +42,14 @@ pub fn verify(
     wait: bool,
     hint: Option<&Vmdesc>,
 ) -> Result<VerifyReport> {
-    let (_lock, map) = open_map(path, wait)?;
+    let lock = open_locked(path, wait)?;
+    // What the page cache holds, before anything reads the file.
+    let mut cache =
+        if deep { lock.file().metadata().ok().and_then(|md| PageCache::new(lock.file(), md.len())) } else { None };
+    let map = map_file(path, lock.file())?;
+    // The head, the tail and a header per entry: no read-ahead around them
+    // (it would read megabytes for each header of a file not cached).
+    map.advise_random();
     let located = locate(path, &View::appended(&*map), offset);
     let src = find_directory(path, &*map)?;
     let stream_start = match (located, &src) {
@@ -54,17 +62,53 @@ pub fn verify(
     };
     let src = src.unwrap_or_default();
     if deep {
-        map.advise_sequential();
+        map.advise_scan();
     }
     let meter = Progress::new(progress && deep, format!("{}: verifying", path.display()), map.len());
-    let r = verify_source(path, &src, &*map, stream_start, deep, hint, &meter);
+    let reads = FileSource::for_checks(path, lock.file()).map(Cached::new);
+    let scan = Pages { map: Some(&map), cache: cache.as_mut(), checks: reads.as_ref().map(|r| r as &dyn ReadAt) };
+    let r = super::pool::run(if deep { map.len() } else { 0 }, || {
+        verify_source(path, &src, &*map, stream_start, deep, hint, &meter, scan)
+    });
+    // The checks after the scan read a header per entry again.
+    if let Some(c) = &mut cache {
+        c.finish(Some(&map));
+    }
     map.check(path, r)
+}
+
+/// The pages a deep check reads: the mapping it reads them through, and
+/// what the page cache held before (see `pagecache.rs`); and where the other
+/// checks read (by positioned reads: a mapped file maps a whole folio of the
+/// page cache, up to 2 MiB, for each header read, in the resident set).
+#[derive(Default)]
+pub struct Pages<'a> {
+    pub map: Option<&'a Map>,
+    pub cache: Option<&'a mut PageCache>,
+    pub checks: Option<&'a dyn ReadAt>,
 }
 
 /// Verifies a file that is open already.
 pub fn verify_open(f: &SaveFile, deep: bool, progress: bool) -> Result<VerifyReport> {
     let meter = Progress::new(progress && deep, format!("{}: verifying", f.path.display()), f.source.size());
-    let r = verify_source(&f.path, &f.dir_source(), &*f.source, f.stream_start, deep, f.hint.as_deref(), &meter);
+    let size = f.source.size();
+    let file = match &f.backing {
+        Backing::Map(m) => m.file(),
+        Backing::File(s) => Some(s.file()),
+        Backing::Other => None,
+    };
+    let mut cache = file.filter(|_| deep).and_then(|file| PageCache::new(file, size));
+    let scan = Pages { map: f.map().map(|m| &**m), cache: cache.as_mut(), checks: None };
+    let r = super::pool::run(if deep { size } else { 0 }, || {
+        verify_source(&f.path, &f.dir_source(), &*f.source, f.stream_start, deep, f.hint.as_deref(), &meter, scan)
+    });
+    if let Some(c) = &mut cache {
+        c.finish(f.map().map(|m| &**m));
+    }
+    // The views of the open file are read as they were before.
+    if let Some(m) = f.map() {
+        m.advise_normal();
+    }
     f.check_changed()?;
     r
 }
@@ -83,6 +127,7 @@ fn not_a_stream(path: &Path, deep: bool, e: FormatError) -> VerifyReport {
 }
 
 /// Runs the checks on a file's bytes and its directory source.
+#[allow(clippy::too_many_arguments)]
 pub fn verify_source(
     path: &Path,
     src: &DirSource,
@@ -91,9 +136,10 @@ pub fn verify_source(
     deep: bool,
     hint: Option<&Vmdesc>,
     meter: &Progress,
+    pages: Pages<'_>,
 ) -> Result<VerifyReport> {
     let mut entries = 0;
-    let view = src.view(data);
+    let view = src.view(pages.checks.unwrap_or(data));
     let structure = check_structure(src, &view, stream_start).map_err(|mut e| {
         if e.check == Check::Trailer && src.sidecar.is_none() {
             e.message = format!("no section directory: {}", e.message);
@@ -117,7 +163,7 @@ pub fn verify_source(
             // The long sequential read first: reading one header per entry
             // across a cold file before it would defeat the kernel's
             // read-ahead. Failures are still reported in the checks' order.
-            let deep_res = deep_check(path, data, &dir, map.as_ref(), stream_start, hint, meter)?;
+            let deep_res = deep_check(path, data, &dir, map.as_ref(), stream_start, hint, meter, pages)?;
             cross_check(src, &view, &dir, stream_start).and(deep_res)
         }
     };
@@ -149,36 +195,10 @@ pub fn verify_source(
     })
 }
 
-/// CRC-32C of extents in file order, fed with the bytes as they are read.
-struct RunningCrcs {
-    extents: Vec<(u64, u64)>,
-    crcs: Vec<u32>,
-    next: usize,
-}
-
-impl RunningCrcs {
-    fn feed(&mut self, at: u64, bytes: &[u8]) {
-        let end = at + bytes.len() as u64;
-        while let Some(&(s, e)) = self.extents.get(self.next) {
-            if s >= end {
-                return;
-            }
-            let (a, b) = (s.max(at), e.min(end));
-            if a < b {
-                self.crcs[self.next] =
-                    crc32c::crc32c_append(self.crcs[self.next], &bytes[(a - at) as usize..(b - at) as usize]);
-            }
-            if e > end {
-                return;
-            }
-            self.next += 1;
-        }
-    }
-}
-
 /// Check 4: parse the stream and compare it with the directory; checksums.
 /// The outer `Err` is a source that could not be read; the inner one a
 /// stream that does not match its directory.
+#[allow(clippy::too_many_arguments)]
 fn deep_check(
     path: &Path,
     data: &dyn ReadAt,
@@ -187,26 +207,24 @@ fn deep_check(
     stream_start: u64,
     hint: Option<&Vmdesc>,
     meter: &Progress,
+    pages: Pages<'_>,
 ) -> Result<std::result::Result<(), CheckError>> {
     let fail = |at: u64, m: String| Ok(Err(CheckError::new(Check::Deep, Some(at), m)));
     let t = dir.trailer;
     // The stream lies wholly in the data file, before the directory.
     let stream = Limit { src: data, len: dir.stream_end() };
     let extents = dir.extents();
-    let with_crc: Vec<usize> = (0..dir.entries.len()).filter(|&i| dir.entries[i].crc32c.is_some()).collect();
-    let ext: Vec<(u64, u64)> = with_crc.iter().map(|&i| extents[i]).collect();
-    let mut running = RunningCrcs { crcs: vec![0; ext.len()], extents: ext.clone(), next: 0 };
-    let mut feed = |at: u64, b: &[u8]| running.feed(at, b);
+    let with_crc = dir.entries.iter().any(|e| e.crc32c.is_some());
     let mut tick = |at: u64| meter.set(at);
     let mut popts = ParseOptions::new(stream_start, dir.stream_end());
     popts.vmdesc = hint;
     popts.page_map = dir.ram_map.is_some();
     popts.progress = Some(&mut tick);
-    super::testhook::pause("scan:start");
-    // A slice is parsed whole and checksummed in parallel below; any other
-    // source is read once, its checksums computed as the windows pass.
-    let s = match stream::parse_source(&stream, popts, Some(&mut feed)) {
-        Ok(s) => s,
+    super::testhook::pause_file("scan:start", path);
+    // One pass: the checksums are computed as the stream is parsed.
+    let scan = Scan { src: &stream, map: pages.map, cache: pages.cache };
+    let (s, crcs) = match scan.run(popts, with_crc) {
+        Ok(s) => (s.stream, s.crcs.unwrap_or_default()),
         Err(SourceError::Format(e)) => return fail(e.offset, format!("the stream does not parse: {}", e.message)),
         Err(e) => return Err(Error::source(path, e)),
     };
@@ -251,10 +269,6 @@ fn deep_check(
             format!("the directory has a {} entry at {} that the stream lacks", e.kind.as_str(), e.offset),
         );
     }
-    let got = match stream.as_slice() {
-        Some(data) => crc32c_extents(data, &ext, meter),
-        None => running.crcs,
-    };
     if let Some(stored) = stored_map {
         let derived = s.ram.as_ref().and_then(|r| r.page_map());
         if derived.as_ref().and_then(|d| d.as_ref().ok()) != Some(stored) {
@@ -267,8 +281,8 @@ fn deep_check(
             return fail(at, format!("the RAM page map does not match the stream's RAM records: {why}"));
         }
     }
-    for (&i, c) in with_crc.iter().zip(got) {
-        let want = dir.entries[i].crc32c.expect("filtered above");
+    for (i, (e, &c)) in dir.entries.iter().zip(&crcs).enumerate() {
+        let Some(want) = e.crc32c else { continue };
         if c != want {
             let item = &s.items[i];
             return fail(

@@ -12,6 +12,7 @@ use crate::format::source::{read_vec, Cached, ReadAt};
 use crate::format::{command_name, Kind};
 use crate::ops::{self, Map};
 
+mod batch;
 mod errors;
 mod layout;
 mod ram;
@@ -319,6 +320,10 @@ impl SaveFile {
         wait: bool,
         vmdesc: Option<PathBuf>,
     ) -> PyResult<Self> {
+        if let Ok(opened) = source.cast::<batch::Opened>() {
+            let f = opened.get().take().ok_or_else(|| PyValueError::new_err("this file was taken already"))?;
+            return Ok(SaveFile { f: std::sync::Mutex::new(Some(Arc::new(f))) });
+        }
         let vmdesc = load_hint(py, vmdesc)?;
         let opts = ops::OpenOptions { scan, progress, offset, mmap, wait, vmdesc };
         let f = if source.hasattr("read")? && source.hasattr("seek")? {
@@ -656,16 +661,22 @@ fn index(
     let vmdesc = load_hint(py, vmdesc)?;
     let opts = ops::IndexOptions { force, checksums, progress, sidecar, offset, wait, vmdesc, ram_map };
     let r = py.detach(|| ops::index(&path, &opts)).map_err(|e| to_pyerr(py, e))?;
-    Ok(IndexResult {
-        path: lossy(&r.path),
-        written: r.written,
-        entries: r.entries,
-        directory_offset: r.directory_offset,
-        directory_size: r.directory_len,
-        replaced: r.replaced,
-        sidecar: r.sidecar.as_deref().map(lossy),
-        ram_map_size: r.ram_map_len,
-    })
+    Ok(IndexResult::from(r))
+}
+
+impl From<ops::IndexReport> for IndexResult {
+    fn from(r: ops::IndexReport) -> Self {
+        IndexResult {
+            path: lossy(&r.path),
+            written: r.written,
+            entries: r.entries,
+            directory_offset: r.directory_offset,
+            directory_size: r.directory_len,
+            replaced: r.replaced,
+            sidecar: r.sidecar.as_deref().map(lossy),
+            ram_map_size: r.ram_map_len,
+        }
+    }
 }
 
 /// Verifies a file's directory.
@@ -832,6 +843,7 @@ fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(strip, m)?)?;
     layout::register(m)?;
     state::register(m)?;
+    batch::register(m)?;
     m.add("__version__", env!("CARGO_PKG_VERSION"))?;
     Ok(())
 }

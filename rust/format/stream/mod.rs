@@ -23,6 +23,7 @@ use std::sync::Arc;
 use super::error::{FormatError, FormatErrorKind, Result};
 use super::ram::{RamOptions, RamState, Record, RAM_SECTION_VERSION};
 use super::reader::{self, Reader};
+use super::source::SourceError;
 use super::vmdesc::{self, Vmdesc, VmdescLocation};
 use super::{show_bytes, tag, Header, Kind, STREAM_MAGIC, STREAM_VERSION, STREAM_VERSION_COMPAT};
 
@@ -191,12 +192,7 @@ pub fn check_header(data: &[u8], start: u64) -> Result<()> {
 pub fn parse(data: &[u8], opts: ParseOptions<'_>) -> Result<Stream> {
     check_header(data, opts.start)?;
     let end_hint = opts.end_hint.min(data.len() as u64);
-    let hint = match opts.vmdesc {
-        Some(v) => Some(v.clone()),
-        None => {
-            vmdesc::find_from_tail(data, end_hint, VMDESC_WINDOW).and_then(|(_, loc)| vmdesc::parse(data, loc).ok())
-        }
-    };
+    let hint = tail_hint(data, end_hint, opts.vmdesc);
     let had_hint = hint.is_some();
     let mut p = StreamParser::new(opts.start, hint);
     p.end_hint = end_hint;
@@ -205,24 +201,23 @@ pub fn parse(data: &[u8], opts: ParseOptions<'_>) -> Result<Stream> {
         Progress::Done => {}
         Progress::NeedMore => unreachable!("a final window never asks for more"),
     }
-    if !p.device_choices.is_empty() {
-        match p.vmdesc_hint.clone() {
-            // The vmdesc turned up at the end (something follows the stream):
-            // parse again with the sizes it gives.
-            Some(desc) if !had_hint => {
-                let mut q = StreamParser::new(opts.start, Some(desc));
-                q.set_page_map(opts.page_map);
-                q.end_hint = end_hint;
-                q.advance(data, 0, true, None)?;
-                p = q;
-            }
-            _ => {}
+    let run = |q: &mut StreamParser| q.advance(data, 0, true, None).map(|_| ()).map_err(SourceError::Format);
+    drive::settle(p, had_hint, run).map_err(|e| match e {
+        SourceError::Format(e) => e,
+        // A slice is never read: its parse fails only on its bytes.
+        SourceError::Io { offset, error, .. } => FormatError::invalid(offset, error.to_string()),
+    })
+}
+
+/// The vmdesc that delimits device sections: the one given, else the one at
+/// the end of the stream in `data` (a whole file), if any.
+fn tail_hint(data: &[u8], end_hint: u64, given: Option<&Vmdesc>) -> Option<Vmdesc> {
+    match given {
+        Some(v) => Some(v.clone()),
+        None => {
+            vmdesc::find_from_tail(data, end_hint, VMDESC_WINDOW).and_then(|(_, loc)| vmdesc::parse(data, loc).ok())
         }
-        p.check_unambiguous(|alt| {
-            Ok::<bool, FormatError>(matches!(alt.advance_inner(data, 0, true, None), Ok(Progress::Done)))
-        })?;
     }
-    Ok(p.finish())
 }
 
 /// What [`StreamParser::advance`] reached.
@@ -506,7 +501,7 @@ mod configuration;
 pub use configuration::{read_machine_type, MACHINE_TYPE_MAX};
 mod devices;
 mod drive;
-pub use drive::{parse_source, WINDOW};
+pub use drive::{parse_source, parse_watched, Flow, Watch, WINDOW};
 mod items;
 mod window;
 use window::Win;

@@ -1,6 +1,18 @@
 use super::*;
 use crate::format::ram::{FLAG_EOS, FLAG_MEM_SIZE, FLAG_PAGE};
 
+/// A source that is not a slice: read in windows, as a file by `pread`.
+pub struct Pread(pub Vec<u8>);
+
+impl crate::format::source::ReadAt for Pread {
+    fn size(&self) -> u64 {
+        self.0.len() as u64
+    }
+    fn read_at(&self, at: u64, buf: &mut [u8]) -> std::io::Result<()> {
+        crate::format::source::ReadAt::read_at(&self.0, at, buf)
+    }
+}
+
 /// A small synthetic stream: configuration, ram START/PART/END, two FULL
 /// devices, EOF and a vmdesc that describes the devices.
 pub fn sample_stream(footers: bool) -> Vec<u8> {
