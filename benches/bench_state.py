@@ -135,6 +135,7 @@ def run_mode(tmp: Path, size: int, mapped_ram: bool, repeat: int) -> Dict[str, A
     results["diff_sections"] = [s.name for s in d.sections]
     ram = next(s for s in d.sections if s.name == "ram")
     results["ram_first_difference"] = ram.first_difference
+    results["ram_pages_differing"] = ram.pages
     results["diff_in_process"] = best_of(repeat, lambda: savedir.diff(a_sav, b_sav))
     results["diff_cli"] = command(exe + ["diff", str(a_sav), str(b_sav)], repeat, ok=(1,))
     results["cmp"] = command(["cmp", str(a_sav), str(b_sav)], repeat, ok=(1,))
@@ -156,6 +157,7 @@ def table(mode: str, r: Dict[str, Any]) -> List[tuple[str, str]]:
                                  f" (savedir --version: {r['version_cli']['best'] * 1e3:.1f} ms)"),
         ("differing sections", ", ".join(r["diff_sections"])),
         ("ram first differs at", f"file offset {fd.get('offset_a')}"),
+        ("ram pages differing", f"{(r['ram_pages_differing'] or {}).get('pages')} in {(r['ram_pages_differing'] or {}).get('ranges')}"),
         ("cmp says", r["cmp_says"]),
         ("savedir.diff in process", f"{r['diff_in_process']['best']:.3f} s"),
         ("savedir diff", f"{r['diff_cli']['best']:.3f} s"),

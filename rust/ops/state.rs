@@ -338,7 +338,8 @@ pub fn diff(a: &SaveFile, b: &SaveFile) -> Result<DiffReport> {
             report.only_in_a.push(section_key(x));
             continue;
         };
-        let first = first_difference(a, x, b, y)?;
+        let (ra, rb) = (compared_ranges(a, x)?, compared_ranges(b, y)?);
+        let first = first_difference_in(&ra, &rb, |s, e| a.read(s, e), |s, e| b.read(s, e))?;
         if first.is_none() && x.opener().version_id == y.opener().version_id {
             continue;
         }
@@ -354,8 +355,11 @@ pub fn diff(a: &SaveFile, b: &SaveFile) -> Result<DiffReport> {
             error: None,
             pages: None,
         };
-        if x.live() && x.name() == "ram" && first.is_some() {
-            d.pages = Some(ram_page_diff(a, b)?);
+        if let (true, "ram", Some(fd)) = (x.live(), x.name(), first) {
+            // The bytes before the first difference are equal: a page that
+            // lies there, at the same place in both, is equal unread.
+            let equal = EqualPrefix { a: Joined::new(&ra), b: Joined::new(&rb), len: fd.at };
+            d.pages = Some(ram_pages_differing(a, b, Some(&equal))?);
         }
         if !x.live() {
             let da = desc_a.get_or_insert_with(|| load_desc(a).map_err(|e| e.to_string()));
@@ -381,6 +385,54 @@ pub fn diff(a: &SaveFile, b: &SaveFile) -> Result<DiffReport> {
 /// known, or for pages of blocks that lie nowhere). A block only one save
 /// has differs wholly.
 pub fn ram_page_diff(a: &SaveFile, b: &SaveFile) -> Result<PageDiff> {
+    ram_pages_differing(a, b, None)
+}
+
+/// Positions in a list of byte ranges joined end to end.
+struct Joined {
+    /// `(file offset, joined position)` of each non-empty range's start.
+    starts: Vec<(u64, u64, u64)>,
+}
+
+impl Joined {
+    fn new(ranges: &[(u64, u64)]) -> Self {
+        let mut at = 0;
+        let mut starts = Vec::with_capacity(ranges.len());
+        for &(s, e) in ranges.iter().filter(|r| r.1 > r.0) {
+            starts.push((s, e, at));
+            at += e - s;
+        }
+        Joined { starts }
+    }
+
+    /// The joined position of the bytes `off..off + len` of the file, when
+    /// they lie wholly in one range.
+    fn position(&self, off: u64, len: u64) -> Option<u64> {
+        let i = self.starts.partition_point(|r| r.0 <= off).checked_sub(1)?;
+        let (s, e, at) = self.starts[i];
+        (off + len <= e).then_some(at + (off - s))
+    }
+}
+
+/// Two sections' joined bytes are equal up to `len`.
+struct EqualPrefix {
+    a: Joined,
+    b: Joined,
+    len: u64,
+}
+
+impl EqualPrefix {
+    /// Whether `n` bytes at file offset `x` of `a` and `y` of `b` are known
+    /// equal: at the same joined position, before the first difference.
+    fn proves(&self, x: u64, y: u64, n: u64) -> bool {
+        match (self.a.position(x, n), self.b.position(y, n)) {
+            (Some(p), Some(q)) => p == q && p + n <= self.len,
+            _ => false,
+        }
+    }
+}
+
+fn ram_pages_differing(a: &SaveFile, b: &SaveFile, equal: Option<&EqualPrefix>) -> Result<PageDiff> {
     use rayon::prelude::*;
     let (ra, rb) = (a.guest_ram()?, b.guest_ram()?);
     let ps = ra.page_size() as usize;
@@ -397,6 +449,9 @@ pub fn ram_page_diff(a: &SaveFile, b: &SaveFile) -> Result<PageDiff> {
             match (ra.page_word(i, p), rb.page_word(j, p)) {
                 (PageWord::Zero, PageWord::Zero) => return Ok(true),
                 (PageWord::Stored(x), PageWord::Stored(y)) => {
+                    if equal.is_some_and(|e| e.proves(x, y, ps as u64)) {
+                        return Ok(true);
+                    }
                     if let (Some(da), Some(db)) = (a.source.as_slice(), b.source.as_slice()) {
                         let (x, y) = (x as usize, y as usize);
                         if let (Some(pa), Some(pb)) = (da.get(x..x + ps), db.get(y..y + ps)) {
@@ -411,14 +466,18 @@ pub fn ram_page_diff(a: &SaveFile, b: &SaveFile) -> Result<PageDiff> {
             rb.page_into(&*b.source, j, p, &mut pb)?;
             Ok(pa == pb)
         };
-        let found: Result<Vec<u64>> = (0..pages)
-            .into_par_iter()
-            .filter_map(|p| match same(p) {
-                Ok(true) => None,
-                Ok(false) => Some(Ok(p)),
-                Err(e) => Some(Err(e)),
-            })
-            .collect();
+        let differs = |p: u64| match same(p) {
+            Ok(true) => None,
+            Ok(false) => Some(Ok(p)),
+            Err(e) => Some(Err(e)),
+        };
+        let found: Result<Vec<u64>> = super::pool::run(blk.used_length, || {
+            if super::pool::in_pool() {
+                (0..pages).into_par_iter().filter_map(differs).collect()
+            } else {
+                (0..pages).filter_map(differs).collect()
+            }
+        });
         differing.extend(found?.into_iter().map(|p| (i, p)));
     }
     let pages = differing.len() as u64;
@@ -479,46 +538,55 @@ fn compared_ranges(f: &SaveFile, s: &Section<'_>) -> Result<Vec<(u64, u64)>> {
         .collect()
 }
 
-/// The first byte at which the two sections' payloads (their items'
-/// payloads joined, see [`compared_ranges`]) differ, compared a chunk at a
-/// time; None when equal.
-pub fn first_difference(
-    a: &SaveFile,
-    x: &Section<'_>,
-    b: &SaveFile,
-    y: &Section<'_>,
-) -> Result<Option<FirstDifference>> {
-    let (ra, rb) = (compared_ranges(a, x)?, compared_ranges(b, y)?);
-    first_difference_in(&ra, &rb, |s, e| a.read(s, e), |s, e| b.read(s, e))
-}
-
 /// Where the bytes of the ranges `ra` (read by `read_a`) and `rb` (read by
-/// `read_b`), each list joined, first differ.
+/// `read_b`), each list joined, first differ. The pieces are compared on
+/// the threads of a pool when they are large, the first difference kept.
 fn first_difference_in<'a, 'b>(
     ra: &[(u64, u64)],
     rb: &[(u64, u64)],
-    read_a: impl Fn(u64, u64) -> Result<Cow<'a, [u8]>>,
-    read_b: impl Fn(u64, u64) -> Result<Cow<'b, [u8]>>,
+    read_a: impl Fn(u64, u64) -> Result<Cow<'a, [u8]>> + Sync,
+    read_b: impl Fn(u64, u64) -> Result<Cow<'b, [u8]>> + Sync,
 ) -> Result<Option<FirstDifference>> {
+    use rayon::prelude::*;
+    // The pieces to compare, `(offset in a, offset in b, length, position)`,
+    // then where one side ends before the other (if it does).
     let (mut ia, mut ib) = (Cursor::new(ra), Cursor::new(rb));
+    let mut pieces: Vec<(u64, u64, u64, u64)> = Vec::new();
     let mut at = 0u64;
-    loop {
+    let tail = loop {
         let (Some(ca), Some(cb)) = (ia.run(), ib.run()) else {
-            return Ok(if ia.run().is_none() && ib.run().is_none() {
-                None
-            } else {
-                Some(FirstDifference { at, offset_a: ia.run().map(|r| r.0), offset_b: ib.run().map(|r| r.0) })
+            break (ia.run().is_some() || ib.run().is_some()).then(|| FirstDifference {
+                at,
+                offset_a: ia.run().map(|r| r.0),
+                offset_b: ib.run().map(|r| r.0),
             });
         };
         let n = (ca.1 - ca.0).min(cb.1 - cb.0).min(COMPARE_CHUNK);
-        let (ba, bb) = (read_a(ca.0, ca.0 + n)?, read_b(cb.0, cb.0 + n)?);
-        if ba != bb {
-            let i = ba.iter().zip(bb.iter()).position(|(p, q)| p != q).unwrap_or(0) as u64;
-            return Ok(Some(FirstDifference { at: at + i, offset_a: Some(ca.0 + i), offset_b: Some(cb.0 + i) }));
-        }
+        pieces.push((ca.0, cb.0, n, at));
         at += n;
         ia.advance(n);
         ib.advance(n);
+    };
+    let differ = |&(x, y, n, at): &(u64, u64, u64, u64)| -> Option<Result<FirstDifference>> {
+        let (ba, bb) = match (read_a(x, x + n), read_b(y, y + n)) {
+            (Ok(ba), Ok(bb)) => (ba, bb),
+            (Err(e), _) | (_, Err(e)) => return Some(Err(e)),
+        };
+        (ba != bb).then(|| {
+            let i = ba.iter().zip(bb.iter()).position(|(p, q)| p != q).unwrap_or(0) as u64;
+            Ok(FirstDifference { at: at + i, offset_a: Some(x + i), offset_b: Some(y + i) })
+        })
+    };
+    let first = super::pool::run(at, || {
+        if super::pool::in_pool() {
+            pieces.par_iter().find_map_first(differ)
+        } else {
+            pieces.iter().find_map(differ)
+        }
+    });
+    match first {
+        Some(r) => r.map(Some),
+        None => Ok(tail),
     }
 }
 
@@ -578,5 +646,39 @@ mod tests {
         let d = first(a, &[(2, 4), (6, 10)], b, &[(0, 3), (4, 6)]).unwrap();
         assert_eq!(d, FirstDifference { at: 5, offset_a: Some(9), offset_b: None });
         assert_eq!(first(b"", &[], b"", &[(0, 0)]), None);
+    }
+
+    #[test]
+    fn on_a_pool_the_first_of_several_differences_is_found() {
+        // Pieces of COMPARE_CHUNK: differences in the third and fifth.
+        let n = (COMPARE_CHUNK * 6) as usize;
+        let a = vec![7u8; n];
+        let mut b = a.clone();
+        let first_at = 2 * COMPARE_CHUNK as usize + 12345;
+        b[first_at] = 8;
+        b[4 * COMPARE_CHUNK as usize + 1] = 9;
+        let (ra, rb) = ([(0, n as u64)], [(0, 100), (100, n as u64)]);
+        let d = super::super::pool::with_threads(2, || first(&a, &ra, &b, &rb)).unwrap();
+        assert_eq!(
+            d,
+            FirstDifference { at: first_at as u64, offset_a: Some(first_at as u64), offset_b: Some(first_at as u64) }
+        );
+        assert_eq!(super::super::pool::with_threads(2, || first(&a, &ra, &a, &rb)), None);
+    }
+
+    #[test]
+    fn an_equal_prefix_proves_only_pages_at_the_same_place_before_the_difference() {
+        // a joins [100, 200) and [300, 400); b is [0, 200).
+        let e = EqualPrefix {
+            a: Joined::new(&[(100, 200), (250, 250), (300, 400)]),
+            b: Joined::new(&[(0, 200)]),
+            len: 150,
+        };
+        assert!(e.proves(100, 0, 50));
+        assert!(e.proves(300, 100, 50), "the second range of a starts at position 100");
+        assert!(!e.proves(300, 100, 51), "past the first difference");
+        assert!(!e.proves(150, 100, 10), "other positions");
+        assert!(!e.proves(190, 90, 20), "across two ranges of a");
+        assert!(!e.proves(50, 0, 10), "outside the ranges");
     }
 }
