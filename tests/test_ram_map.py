@@ -19,6 +19,7 @@ import struct
 from pathlib import Path
 from typing import Any, Iterator
 
+import numpy as np
 import pytest
 
 import qemu_harness as h
@@ -218,6 +219,19 @@ def test_mapped_ram(tmp_path: Path) -> None:
         got = blk.gather(pages)
         for i, p in enumerate(pages):
             assert bytes(got[i]) == bytes(arr[p * 4096 : (p + 1) * 4096]) == bytes(blk.page(int(p)))
+        # Into an array of the caller's, from a list or a strided array.
+        buf = np.full((len(pages), 4096), 0x5A, np.uint8)
+        assert blk.gather([int(p) for p in pages], out=buf) is buf and (buf == got).all()
+        twice = np.repeat(pages, 2)
+        assert (blk.gather(twice[::2]) == got).all()
+        assert blk.gather([]).shape == (0, 4096)
+        for bad, exc in ((np.zeros((len(pages), 4095), np.uint8), ValueError), (buf[:, ::2], ValueError),
+                         (np.zeros((len(pages), 4096), np.int16), TypeError)):
+            with pytest.raises(exc):
+                blk.gather(pages, out=bad)
+        for pages_bad, exc in (([-1], ValueError), (np.array([1.0]), TypeError), ([blk.pages], savedir.RamError)):
+            with pytest.raises(exc):
+                blk.gather(pages_bad)
     facts = check_all_ways(m, dump, tmp_path)
     # mapped-ram needs no stored map: its bitmaps place every page.
     assert facts["map_size"] == 0 and facts["indexed"] == "mapped-ram", facts

@@ -88,10 +88,34 @@ class RamBlock:
         """The page numbers whose content the file holds as data (uint64)."""
         return self._map.present(self._index)
 
-    def gather(self, pages: Sequence[int]) -> "npt.NDArray[np.uint8]":
-        """Pages ``pages`` as one ``(len(pages), page_size)`` uint8 array,
-        read in one call with the GIL released."""
-        return self._map.gather(self._index, [int(p) for p in pages])
+    def gather(
+        self, pages: Union[Sequence[int], "npt.NDArray[Any]"], *, out: Optional["npt.NDArray[np.uint8]"] = None
+    ) -> "npt.NDArray[np.uint8]":
+        """Pages ``pages`` (page numbers: a sequence, or a numpy array, which
+        is read as it is) as one ``(len(pages), page_size)`` uint8 array, read
+        in one call with the GIL released, on several threads when large.
+        With ``out``, a C-contiguous uint8 array of that shape, the pages are
+        written into it (no new memory: for gathers in a loop) and it is
+        returned.
+
+        >>> import numpy as np, savedir
+        >>> with savedir.open("vm.sav") as f:
+        ...     blk = f.ram["pc.ram"]
+        ...     buf = np.empty((2, blk.page_size), np.uint8)
+        ...     got = blk.gather(np.array([0x100, 7]), out=buf)
+        ...     got is buf, bytes(buf[0]) == bytes(blk.page(0x100))
+        (True, True)
+        """
+        import numpy as np
+
+        arr = np.asarray(pages)
+        if arr.size == 0:
+            arr = arr.astype(np.uint64)
+        elif arr.ndim != 1 or arr.dtype.kind not in "ui":
+            raise TypeError(f"pages must be a sequence of page numbers, found an array of {arr.dtype} and shape {arr.shape}")
+        elif arr.dtype.kind == "i" and int(arr.min()) < 0:
+            raise ValueError(f"pages must not be negative, found {int(arr.min())}")
+        return self._map.gather(self._index, np.ascontiguousarray(arr, dtype=np.uint64), out)
 
     def array(self) -> "npt.NDArray[np.uint8]":
         """For a mapped-ram save: the whole block as a read-only uint8 array

@@ -429,11 +429,15 @@ impl GuestRam {
             }
             Ok(())
         };
-        if pages.len() >= 4096 {
-            pages.par_iter().zip(out.par_chunks_mut(ps)).with_min_len(1024).try_for_each(one)
-        } else {
-            pages.iter().zip(out.chunks_mut(ps)).try_for_each(one)
-        }
+        // Large gathers on a pool made for the call (never rayon's global
+        // pool: see pool.rs).
+        super::pool::run((pages.len() * ps) as u64, || {
+            if super::pool::in_pool() {
+                pages.par_iter().zip(out.par_chunks_mut(ps)).with_min_len(1024).try_for_each(one)
+            } else {
+                pages.iter().zip(out.chunks_mut(ps)).try_for_each(one)
+            }
+        })
     }
 
     /// The page numbers of block `b` whose content the file holds as data.

@@ -131,19 +131,52 @@ impl RamMap {
         Ok(PyArray1::from_vec(py, v))
     }
 
-    /// Pages `pages` of block `block` as one `(len(pages), page_size)` array.
-    fn gather<'py>(&self, py: Python<'py>, block: usize, pages: Vec<u64>) -> PyResult<Bound<'py, PyArray2<u8>>> {
+    /// Pages `pages` (uint64) of block `block` as one `(len(pages),
+    /// page_size)` array: a new one, or `out` (C-contiguous, writable, of
+    /// that shape), which is filled and returned.
+    #[pyo3(signature = (block, pages, out=None))]
+    fn gather<'py>(
+        &self,
+        py: Python<'py>,
+        block: usize,
+        pages: numpy::PyReadonlyArray1<'py, u64>,
+        out: Option<Bound<'py, PyArray2<u8>>>,
+    ) -> PyResult<Bound<'py, PyArray2<u8>>> {
         self.check_block(block)?;
         let ps = self.ram.map.page_size as usize;
-        // SAFETY: uninitialised, but gather writes every byte (or fails, and
-        // the array is dropped unseen).
-        let out = unsafe { PyArray2::<u8>::new(py, [pages.len(), ps], false) };
+        let owned;
+        let pages: &[u64] = match pages.as_slice() {
+            Ok(s) => s,
+            Err(_) => {
+                owned = pages.as_array().to_vec();
+                &owned
+            }
+        };
+        let out = match out {
+            Some(o) => {
+                if o.shape() != [pages.len(), ps] {
+                    return Err(PyValueError::new_err(format!(
+                        "out has shape {:?}; gathering {} pages needs ({}, {ps})",
+                        o.shape(),
+                        pages.len(),
+                        pages.len()
+                    )));
+                }
+                if !o.is_c_contiguous() {
+                    return Err(PyValueError::new_err("out must be a C-contiguous, writable uint8 array"));
+                }
+                o
+            }
+            // SAFETY: uninitialised, but gather writes every byte (or fails,
+            // and the array is dropped unseen).
+            None => unsafe { PyArray2::<u8>::new(py, [pages.len(), ps], false) },
+        };
         {
-            // SAFETY: a new array that no other code has seen yet.
-            let buf = unsafe { out.as_slice_mut() }.map_err(|e| PyValueError::new_err(e.to_string()))?;
+            let mut rw = out.try_readwrite().map_err(|e| PyValueError::new_err(format!("out: {e}")))?;
+            let buf = rw.as_slice_mut().map_err(|e| PyValueError::new_err(e.to_string()))?;
             let ram = self.ram.clone();
             let src = self.owner.source.clone();
-            py.detach(|| ram.gather(&*src, block, &pages, buf)).map_err(|e| to_pyerr(py, e))?;
+            py.detach(|| ram.gather(&*src, block, pages, buf)).map_err(|e| to_pyerr(py, e))?;
         }
         Ok(out)
     }
