@@ -2,10 +2,9 @@
 //! QEMU's `dump-guest-memory` writes with paging off), and raw block files.
 //! Zero pages are not written: the files are sparse where the guest's
 //! memory is zero, and a whole file is written with positioned writes of
-//! large buffers.
+//! many slices at once, taken from the save's mapping where they lie.
 
 use std::fs::File;
-use std::os::unix::fs::FileExt;
 use std::path::Path;
 
 use crate::format::source::ReadAt;
@@ -44,27 +43,128 @@ pub fn core_notes(f: &super::SaveFile) -> (Vec<u8>, u16) {
 
 /// Writes `size` bytes of block `b` from `offset` into `out` at `at`,
 /// leaving holes where pages are zero.
-struct Sink<'a> {
+struct Sink<'a, 'd> {
     out: &'a File,
     path: &'a Path,
-    buf: Vec<u8>,
-    /// File offset of `buf[0]`.
+    /// What the next write takes, in order: slices of the source's mapping
+    /// (written from where they lie: no copy in between) and bytes of `own`.
+    pieces: Vec<Piece<'d>>,
+    /// Bytes that were decoded, or built (an ELF header).
+    own: Vec<u8>,
+    /// Bytes in `pieces`.
+    pending: usize,
+    /// File offset of the first byte of `pieces`.
     buf_at: u64,
 }
 
-impl Sink<'_> {
-    fn flush(&mut self) -> Result<()> {
-        if !self.buf.is_empty() {
-            self.out.write_all_at(&self.buf, self.buf_at).map_err(|e| Error::io(self.path, "write", e))?;
-            self.buf_at += self.buf.len() as u64;
-            self.buf.clear();
+#[derive(Clone, Copy)]
+enum Piece<'d> {
+    Map(&'d [u8]),
+    /// `own[start..end]`.
+    Own(usize, usize),
+}
+
+/// Slices one `pwritev` takes at most (Linux's `IOV_MAX`).
+const IOV_MAX: usize = 1024;
+
+impl<'a, 'd> Sink<'a, 'd> {
+    fn new(out: &'a File, path: &'a Path, head: Vec<u8>) -> Self {
+        let n = head.len();
+        let pieces = if n > 0 { vec![Piece::Own(0, n)] } else { Vec::new() };
+        Sink { out, path, pieces, own: head, pending: n, buf_at: 0 }
+    }
+
+    fn push_map(&mut self, bytes: &'d [u8]) {
+        // A slice that continues the last one (mapped-ram pages, which lie
+        // one after another) joins it.
+        if let Some(Piece::Map(last)) = self.pieces.last_mut() {
+            if last.as_ptr_range().end == bytes.as_ptr() {
+                // SAFETY: both slices lie in the same mapping, the second
+                // right after the first: together they are one slice of it.
+                *last = unsafe { std::slice::from_raw_parts(last.as_ptr(), last.len() + bytes.len()) };
+                self.pending += bytes.len();
+                return;
+            }
         }
+        self.pieces.push(Piece::Map(bytes));
+        self.pending += bytes.len();
+    }
+
+    fn push_own(&mut self, bytes: &[u8]) {
+        let start = self.own.len();
+        self.own.extend_from_slice(bytes);
+        self.pieces.push(Piece::Own(start, self.own.len()));
+        self.pending += bytes.len();
+    }
+
+    fn full(&self) -> bool {
+        self.pending >= WRITE_BUF || self.pieces.len() >= 4 * IOV_MAX
+    }
+
+    fn flush(&mut self) -> Result<()> {
+        let mut slices: Vec<&[u8]> = self
+            .pieces
+            .iter()
+            .map(|p| match *p {
+                Piece::Map(m) => m,
+                Piece::Own(s, e) => &self.own[s..e],
+            })
+            .collect();
+        let mut at = self.buf_at;
+        let mut first = 0;
+        while first < slices.len() {
+            let batch = &slices[first..slices.len().min(first + IOV_MAX)];
+            let iov: Vec<libc::iovec> = batch
+                .iter()
+                .map(|s| libc::iovec { iov_base: s.as_ptr() as *mut libc::c_void, iov_len: s.len() })
+                .collect();
+            // SAFETY: every iovec points into a live slice (the mapping, or
+            // `own`), which pwritev only reads.
+            let rc = unsafe {
+                libc::pwritev(
+                    std::os::fd::AsRawFd::as_raw_fd(self.out),
+                    iov.as_ptr(),
+                    iov.len() as libc::c_int,
+                    at as libc::off_t,
+                )
+            };
+            if rc < 0 {
+                let e = std::io::Error::last_os_error();
+                if e.kind() == std::io::ErrorKind::Interrupted {
+                    continue;
+                }
+                return Err(Error::io(self.path, "write", e));
+            }
+            if rc == 0 {
+                return Err(Error::io(self.path, "write", std::io::ErrorKind::WriteZero.into()));
+            }
+            // Skip what was written; a slice written in part goes on.
+            let mut left = rc as usize;
+            at += left as u64;
+            while left > 0 {
+                let n = slices[first].len();
+                if left >= n {
+                    left -= n;
+                    first += 1;
+                } else {
+                    slices[first] = &slices[first][left..];
+                    left = 0;
+                }
+            }
+            while first < slices.len() && slices[first].is_empty() {
+                first += 1;
+            }
+        }
+        self.buf_at = at;
+        self.pieces.clear();
+        self.own.clear();
+        self.pending = 0;
         Ok(())
     }
 
     /// Moves to file offset `at` (a hole between, if any).
     fn seek(&mut self, at: u64) -> Result<()> {
-        if self.buf_at + self.buf.len() as u64 != at {
+        if self.buf_at + self.pending as u64 != at {
             self.flush()?;
             self.buf_at = at;
         }
@@ -75,7 +175,7 @@ impl Sink<'_> {
     fn block(
         &mut self,
         ram: &GuestRam,
-        src: &dyn ReadAt,
+        src: &'d dyn ReadAt,
         b: usize,
         offset: u64,
         size: u64,
@@ -96,16 +196,16 @@ impl Sink<'_> {
                 PageWord::Stored(p) if data.is_some_and(|d| d.len() as u64 >= p + ps) => {
                     self.seek(at + done)?;
                     let all = data.expect("checked");
-                    self.buf.extend_from_slice(&all[(p + within) as usize..(p + within + n) as usize]);
+                    self.push_map(&all[(p + within) as usize..(p + within + n) as usize]);
                 }
                 _ => {
                     self.seek(at + done)?;
                     let mut whole = vec![0u8; ps as usize];
                     ram.page_into(src, b, page, &mut whole)?;
-                    self.buf.extend_from_slice(&whole[within as usize..(within + n) as usize]);
+                    self.push_own(&whole[within as usize..(within + n) as usize]);
                 }
             }
-            if self.buf.len() >= WRITE_BUF {
+            if self.full() {
                 self.flush()?;
             }
             done += n;
@@ -182,7 +282,7 @@ pub fn write_elf(
     head.extend_from_slice(notes);
     let total: u64 = ranges.iter().map(|r| r.size).sum();
     let meter = Progress::new(progress, format!("{}: writing", path.display()), total);
-    let mut sink = Sink { out: &out, path, buf: head, buf_at: 0 };
+    let mut sink = Sink::new(&out, path, head);
     for (r, &off) in ranges.iter().zip(&placed) {
         sink.block(ram, src, r.block, r.offset, r.size, off, &meter)?;
     }
@@ -196,7 +296,7 @@ pub fn write_elf(
 pub fn write_block(ram: &GuestRam, src: &dyn ReadAt, b: usize, path: &Path, meter: &Progress) -> Result<u64> {
     let out = create(path)?;
     let size = ram.map.blocks[b].used_length;
-    let mut sink = Sink { out: &out, path, buf: Vec::with_capacity(WRITE_BUF), buf_at: 0 };
+    let mut sink = Sink::new(&out, path, Vec::new());
     sink.block(ram, src, b, 0, size, 0, meter)?;
     sink.flush()?;
     out.set_len(size).map_err(|e| Error::io(path, "set the length of", e))?;
