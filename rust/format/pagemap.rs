@@ -82,6 +82,8 @@ const FREE_CHUNKS: usize = 4096;
 struct BlockBuild {
     pages: u64,
     chunks: std::collections::BTreeMap<u64, Box<[u64]>>,
+    /// The chunk of the last record.
+    last_chunk: Option<u64>,
 }
 
 /// The page map being built as RAM records pass by.
@@ -104,8 +106,10 @@ pub struct Builder {
 impl Builder {
     /// A builder for blocks of these lengths, in `page_size` pages.
     pub fn new(lengths: &[u64], page_size: u64) -> Self {
-        let blocks =
-            lengths.iter().map(|&l| BlockBuild { pages: l.div_ceil(page_size), chunks: Default::default() }).collect();
+        let blocks = lengths
+            .iter()
+            .map(|&l| BlockBuild { pages: l.div_ceil(page_size), chunks: Default::default(), last_chunk: None })
+            .collect();
         Builder { blocks, ..Default::default() }
     }
 
@@ -119,18 +123,25 @@ impl Builder {
             return None;
         }
         let key = page / CHUNK;
-        if !self.blocks[block].chunks.contains_key(&key) {
+        let within = (page % CHUNK) as usize;
+        // Records mostly follow one another in a chunk: one look-up then.
+        let b = &self.blocks[block];
+        if b.last_chunk != Some(key) && !b.chunks.contains_key(&key) {
             if self.chunks >= FREE_CHUNKS && self.chunks as u64 > self.records / 64 {
                 self.gave_up = true;
-                self.blocks.iter_mut().for_each(|b| b.chunks.clear());
+                self.blocks.iter_mut().for_each(|b| {
+                    b.chunks.clear();
+                    b.last_chunk = None;
+                });
                 self.chains = Vec::new();
                 return None;
             }
             self.chunks += 1;
         }
         let b = &mut self.blocks[block];
+        b.last_chunk = Some(key);
         let chunk = b.chunks.entry(key).or_insert_with(|| vec![W_ABSENT; CHUNK as usize].into_boxed_slice());
-        Some(&mut chunk[(page % CHUNK) as usize])
+        Some(&mut chunk[within])
     }
     /// A page record: the page's bytes lie at `offset`.
     pub fn data(&mut self, block: usize, page: u64, offset: u64) {

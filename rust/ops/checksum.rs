@@ -89,9 +89,17 @@ impl ItemCrcs {
     /// `done`. `items` are the items found so far, final up to `done`;
     /// `in_progress` the offset of the item the parse is inside, if any.
     pub fn update(&mut self, items: &[Item], in_progress: Option<u64>, data: &[u8], base: u64, done: u64) {
+        let from = self.crcs.len().min(items.len());
+        self.update_tail(&items[from..], in_progress, data, base, done)
+    }
+
+    /// [`update`](Self::update), given only the items not yet checksummed
+    /// (`tail[0]` is the item after the last one done).
+    pub fn update_tail(&mut self, tail: &[Item], in_progress: Option<u64>, data: &[u8], base: u64, done: u64) {
         let at = |a: u64, b: u64| &data[(a - base) as usize..(b - base) as usize];
-        while self.crcs.len() < items.len() && items[self.crcs.len()].end <= done {
-            let it = &items[self.crcs.len()];
+        let first = self.crcs.len();
+        let items = |i: usize| tail.get(i - first);
+        while let Some(it) = items(self.crcs.len()).filter(|it| it.end <= done) {
             if self.pos < it.offset {
                 self.pos = it.offset;
                 self.crc = 0;
@@ -102,7 +110,7 @@ impl ItemCrcs {
             self.pos = it.end;
         }
         // The item that `done` falls in: a completed one, or the one in progress.
-        let current = items.get(self.crcs.len()).map(|i| i.offset).or(in_progress);
+        let current = items(self.crcs.len()).map(|i| i.offset).or(in_progress);
         if let Some(start) = current {
             if self.pos < start {
                 self.pos = start;

@@ -35,6 +35,31 @@ struct Watcher<'a, 'b> {
     crcs: Option<ItemCrcs>,
     map: Option<&'a Map>,
     cache: Option<&'b mut PageCache>,
+    /// Checksums on another thread while the next window is parsed: a
+    /// window's checksums are computed during the next window's parse, and
+    /// its pages handed back after (see [`Watch::work`]).
+    pipelined: bool,
+    /// The window told but not yet checksummed (pipelined).
+    pending: Option<Pending>,
+    /// Where the bytes are checksummed up to, and may be handed back.
+    summed: u64,
+}
+
+/// A window to checksum: the items not yet checksummed then, the item in
+/// progress, and how far the bytes are final.
+struct Pending {
+    tail: Vec<Item>,
+    in_progress: Option<u64>,
+    done: u64,
+}
+
+impl Watcher<'_, '_> {
+    fn sum(&mut self, job: Pending, data: &[u8]) {
+        if let Some(c) = &mut self.crcs {
+            c.update_tail(&job.tail, job.in_progress, data, 0, job.done);
+        }
+        self.summed = self.summed.max(job.done);
+    }
 }
 
 impl Watch for Watcher<'_, '_> {
@@ -48,12 +73,33 @@ impl Watch for Watcher<'_, '_> {
         }
     }
 
+    fn work<'s>(&'s mut self, data: &'s [u8]) -> Option<Box<dyn FnOnce() + Send + 's>> {
+        let job = self.pending.take()?;
+        Some(Box::new(move || self.sum(job, data)))
+    }
+
     fn window(&mut self, p: &StreamParser, data: &[u8], base: u64, done: u64) -> Flow {
-        if let Some(c) = &mut self.crcs {
-            c.update(p.items(), p.item_in_progress(), data, base, done);
+        if self.pipelined && base == 0 {
+            // The window before, if no parse ran since to checksum it.
+            if let Some(job) = self.pending.take() {
+                self.sum(job, data);
+            }
         }
+        match &mut self.crcs {
+            Some(c) if self.pipelined && base == 0 => {
+                let from = c.crcs().len().min(p.items().len());
+                self.pending =
+                    Some(Pending { tail: p.items()[from..].to_vec(), in_progress: p.item_in_progress(), done });
+            }
+            Some(c) => {
+                c.update(p.items(), p.item_in_progress(), data, base, done);
+                self.summed = done;
+            }
+            None => self.summed = done,
+        }
+        let summed = self.summed;
         if let Some(c) = self.cache.as_deref_mut() {
-            c.release(done, self.map);
+            c.release(summed, self.map);
         }
         if super::batch::stopping() {
             return Flow::Break(());
@@ -67,8 +113,24 @@ impl Scan<'_> {
     /// `checksums`, computes the CRC-32C of every item in the same pass.
     pub fn run(self, opts: ParseOptions<'_>, checksums: bool) -> Result<Scanned, SourceError> {
         let Scan { src, map, mut cache } = self;
-        let mut w = Watcher { crcs: checksums.then(ItemCrcs::default), map, cache: cache.as_deref_mut() };
-        let res = stream::parse_watched(src, opts, &mut w).and_then(|stream| {
+        // Checksums beside the parse, on a pool of two threads or more, when
+        // the source is a slice (a mapping) that both may read at once.
+        let pipelined =
+            checksums && src.as_slice().is_some() && super::pool::in_pool() && rayon::current_num_threads() >= 2;
+        let mut w = Watcher {
+            crcs: checksums.then(ItemCrcs::default),
+            map,
+            cache: cache.as_deref_mut(),
+            pipelined,
+            pending: None,
+            summed: 0,
+        };
+        let parsed = stream::parse_watched(src, opts, &mut w);
+        // The last window's checksums.
+        if let (Some(job), Some(data)) = (w.pending.take(), src.as_slice()) {
+            w.sum(job, data);
+        }
+        let res = parsed.and_then(|stream| {
             let crcs = match w.crcs.take().map(|c| c.finish(&stream.items)) {
                 None => None,
                 Some(Some(crcs)) => Some(crcs),

@@ -32,6 +32,15 @@ pub trait Watch {
         let _ = (start, end);
     }
 
+    /// Work on the windows told so far that may run on another thread of
+    /// the pool while the parser reads the next window of the slice `data`
+    /// (the whole slice, as [`window`](Watch::window) is given it), if any.
+    /// Only a parse of a slice asks.
+    fn work<'s>(&'s mut self, data: &'s [u8]) -> Option<Box<dyn FnOnce() + Send + 's>> {
+        let _ = data;
+        None
+    }
+
     /// The bytes read from a source that is not a slice, in file order as
     /// they are read (never for a slice, which the caller reads itself).
     fn bytes(&mut self, at: u64, data: &[u8]) {
@@ -235,7 +244,16 @@ fn drive_slice(
             watch.ahead(seen, to);
             seen = to;
         }
-        let done = p.advance(&data[..to as usize], 0, to == size, Some(&mut *tick))? == Progress::Done;
+        let mut parse = || p.advance(&data[..to as usize], 0, to == size, Some(&mut *tick));
+        // The watch's work on the last window (checksums), meanwhile.
+        let parsed = match watch.work(data) {
+            Some(job) => rayon::in_place_scope(|scope| {
+                scope.spawn(move |_| job());
+                parse()
+            }),
+            None => parse(),
+        };
+        let done = parsed? == Progress::Done;
         let keep = p.keep_from();
         if done {
             return go(watch.window(p, data, 0, keep.min(size)), keep.min(size));
