@@ -170,8 +170,10 @@ class SectionDiff:
     where (``at``: the offset into the section's payload; ``offset_a``,
     ``offset_b``: in each file). ``fields``: for a device section or the
     configuration, the fields that differ (None when a side cannot be
-    decoded: ``error`` says why). ``pages``: for RAM, the pages that differ,
-    once savedir has page maps (None until then)."""
+    decoded: ``error`` says why). ``pages``: for RAM, ``{"pages": N,
+    "ranges": [(start, end), ...]}``: how many pages' final content differs
+    (through the page maps) and the guest-physical ranges they lie in, in
+    ``a``'s layout (None for other sections)."""
 
     name: str
     instance_id: int
