@@ -30,7 +30,7 @@ def add_arguments(sp: argparse.ArgumentParser) -> None:
     sp.add_argument("file", metavar="FILE")
     sp.add_argument("--json", action="store_true", help="print the blocks and guest-physical ranges as JSON")
     what = sp.add_mutually_exclusive_group()
-    what.add_argument("--extract", metavar="DIR", help="write one raw file per RAM block into DIR (sparse where pages are zero)")
+    what.add_argument("--extract", metavar="DIR", help="write one raw file per RAM block into DIR (sparse where 2 MiB or more are zero)")
     what.add_argument("--elf", metavar="OUT", help="write an ELF64 core of guest-physical memory, as QEMU's dump-guest-memory")
     what.add_argument(
         "--read", nargs=2, type=_int, metavar=("GPA", "LEN"), help="write LEN bytes at guest-physical address GPA to stdout"

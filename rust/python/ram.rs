@@ -181,7 +181,7 @@ impl RamMap {
         Ok(out)
     }
 
-    /// Writes block `block` whole to `path`, sparse where its pages are zero;
+    /// Writes block `block` whole to `path`, sparse where 2 MiB or more of it are zero;
     /// returns the bytes written (the block's size).
     #[pyo3(signature = (block, path, *, progress=false))]
     fn write_block(&self, py: Python<'_>, block: usize, path: std::path::PathBuf, progress: bool) -> PyResult<u64> {
