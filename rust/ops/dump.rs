@@ -70,6 +70,8 @@ const IOV_MAX: usize = 1024;
 /// Zero bytes shorter than this, between data, are written; longer ones
 /// are left as holes (the largest folio of the page cache).
 const HOLE_MIN: u64 = 2 << 20;
+/// The largest folio of the page cache: writes end at its multiples.
+const FOLIO: u64 = 2 << 20;
 static ZEROS: [u8; 64 << 10] = [0; 64 << 10];
 
 impl<'a, 'd> Sink<'a, 'd> {
@@ -107,14 +109,54 @@ impl<'a, 'd> Sink<'a, 'd> {
     }
 
     fn flush(&mut self) -> Result<()> {
-        let mut slices: Vec<&[u8]> = self
-            .pieces
-            .iter()
-            .map(|p| match *p {
+        self.write_front(self.pending)
+    }
+
+    /// Writes what is pending up to the last multiple of [`FOLIO`] in the
+    /// file (all of it when that is nothing): a write that ends inside one
+    /// of the page cache's large folios has the kernel zero the folio's
+    /// rest, which the next write then fills again.
+    fn flush_aligned(&mut self) -> Result<()> {
+        let end = self.buf_at + self.pending as u64;
+        let cut = end / FOLIO * FOLIO;
+        if cut > self.buf_at {
+            self.write_front((cut - self.buf_at) as usize)
+        } else {
+            self.flush()
+        }
+    }
+
+    /// Writes the first `n` bytes of what is pending; the rest stays.
+    fn write_front(&mut self, n: usize) -> Result<()> {
+        let mut slices: Vec<&[u8]> = Vec::with_capacity(self.pieces.len());
+        let mut rest: Vec<Piece<'d>> = Vec::new();
+        let mut rest_own: Vec<u8> = Vec::new();
+        let mut need = n;
+        for p in &self.pieces {
+            let bytes: &[u8] = match *p {
                 Piece::Map(m) => m,
                 Piece::Own(s, e) => &self.own[s..e],
-            })
-            .collect();
+            };
+            if need >= bytes.len() {
+                slices.push(bytes);
+                need -= bytes.len();
+                continue;
+            }
+            let (front, back) = bytes.split_at(need);
+            if !front.is_empty() {
+                slices.push(front);
+            }
+            need = 0;
+            rest.push(match *p {
+                Piece::Map(m) => Piece::Map(&m[front.len()..]),
+                Piece::Own(..) => {
+                    let start = rest_own.len();
+                    rest_own.extend_from_slice(back);
+                    Piece::Own(start, rest_own.len())
+                }
+            });
+        }
+        prefault(&slices);
         let mut at = self.buf_at;
         let mut first = 0;
         while first < slices.len() {
@@ -161,9 +203,9 @@ impl<'a, 'd> Sink<'a, 'd> {
             }
         }
         self.buf_at = at;
-        self.pieces.clear();
-        self.own.clear();
-        self.pending = 0;
+        self.pending -= n;
+        self.pieces = rest;
+        self.own = rest_own;
         Ok(())
     }
 
@@ -224,7 +266,7 @@ impl<'a, 'd> Sink<'a, 'd> {
                 }
             }
             if self.full() {
-                self.flush()?;
+                self.flush_aligned()?;
             }
             done += n;
             unreported += n;
@@ -235,6 +277,37 @@ impl<'a, 'd> Sink<'a, 'd> {
         }
         meter.add(unreported);
         Ok(())
+    }
+}
+
+/// Maps the source pages of `slices` into the process before they are
+/// written: the kernel copies from them without taking page faults, and a
+/// fault during that copy costs more than the fault (the write is cut short,
+/// and the page cache's folio zeroed and filled again). One `madvise` over
+/// the span they lie in, when it is not far larger than they are.
+fn prefault(slices: &[&[u8]]) {
+    let zeros = ZEROS.as_ptr_range();
+    let mut lo = usize::MAX;
+    let mut hi = 0usize;
+    let mut total = 0usize;
+    for s in slices.iter().filter(|s| !zeros.contains(&s.as_ptr())) {
+        let r = s.as_ptr_range();
+        lo = lo.min(r.start as usize);
+        hi = hi.max(r.end as usize);
+        total += s.len();
+    }
+    if hi <= lo || hi - lo > (4 * total).max(16 << 20) {
+        return;
+    }
+    const PAGE: usize = 4096;
+    let start = lo / PAGE * PAGE;
+    // MADV_POPULATE_READ (Linux 5.14); an older kernel refuses it, and the
+    // pages are faulted in as the copy reaches them.
+    const MADV_POPULATE_READ: libc::c_int = 22;
+    // SAFETY: the range lies within the mapping the slices were taken from
+    // (rounded down to its page); the advice only maps its pages.
+    unsafe {
+        libc::madvise(start as *mut libc::c_void, hi - start, MADV_POPULATE_READ);
     }
 }
 
