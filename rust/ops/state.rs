@@ -359,7 +359,7 @@ pub fn diff(a: &SaveFile, b: &SaveFile) -> Result<DiffReport> {
             // The bytes before the first difference are equal: a page that
             // lies there, at the same place in both, is equal unread.
             let equal = EqualPrefix { a: Joined::new(&ra), b: Joined::new(&rb), len: fd.at };
-            d.pages = Some(ram_pages_differing(a, b, Some(&equal))?);
+            d.pages = Some(ram_page_diff(a, b, &equal)?);
         }
         if !x.live() {
             let da = desc_a.get_or_insert_with(|| load_desc(a).map_err(|e| e.to_string()));
@@ -377,15 +377,6 @@ pub fn diff(a: &SaveFile, b: &SaveFile) -> Result<DiffReport> {
         }
     }
     Ok(report)
-}
-
-/// The pages whose final content differs between the RAM of `a` and `b`
-/// (through their page maps, or walks of their RAM records), and where they
-/// lie in `a`'s guest-physical memory (no ranges when its layout is not
-/// known, or for pages of blocks that lie nowhere). A block only one save
-/// has differs wholly.
-pub fn ram_page_diff(a: &SaveFile, b: &SaveFile) -> Result<PageDiff> {
-    ram_pages_differing(a, b, None)
 }
 
 /// Positions in a list of byte ranges joined end to end.
@@ -432,7 +423,12 @@ impl EqualPrefix {
     }
 }
 
-fn ram_pages_differing(a: &SaveFile, b: &SaveFile, equal: Option<&EqualPrefix>) -> Result<PageDiff> {
+/// The pages whose final content differs between the RAM of `a` and `b`
+/// (through their page maps, or walks of their RAM records), and where they
+/// lie in `a`'s guest-physical memory (no ranges when its layout is not
+/// known, or for pages of blocks that lie nowhere). A block only one save
+/// has differs wholly. Pages that `equal` proves equal are not read.
+fn ram_page_diff(a: &SaveFile, b: &SaveFile, equal: &EqualPrefix) -> Result<PageDiff> {
     use rayon::prelude::*;
     let (ra, rb) = (a.guest_ram()?, b.guest_ram()?);
     let ps = ra.page_size() as usize;
@@ -449,7 +445,7 @@ fn ram_pages_differing(a: &SaveFile, b: &SaveFile, equal: Option<&EqualPrefix>) 
             match (ra.page_word(i, p), rb.page_word(j, p)) {
                 (PageWord::Zero, PageWord::Zero) => return Ok(true),
                 (PageWord::Stored(x), PageWord::Stored(y)) => {
-                    if equal.is_some_and(|e| e.proves(x, y, ps as u64)) {
+                    if equal.proves(x, y, ps as u64) {
                         return Ok(true);
                     }
                     if let (Some(da), Some(db)) = (a.source.as_slice(), b.source.as_slice()) {
